@@ -1,0 +1,5 @@
+"""``python -m cubelm`` is the same as the ``cubelm`` console script."""
+
+from cubelm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The ``cubelm`` command line, generated from option dataclasses.
+
+Each verb points (by import path) at an options dataclass and a run function in a light ``commands`` module of
+its package; heavy imports (torch) happen inside the run functions, so ``cubelm --help`` stays fast. A dataclass
+field ``max_new_tokens`` becomes ``--max-new-tokens``; its ``opt(help=...)`` metadata gives the help text, its
+annotation the type. A ``CubelmError`` raised anywhere becomes a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import types
+import typing
+from dataclasses import dataclass
+
+from cubelm.errors import CubelmError
+
+
+def opt(default=dataclasses.MISSING, *, help: str, choices=None, metavar: str | None = None, flag: str | None = None):
+    """A dataclass field that is also a CLI flag. ``flag`` overrides the generated ``--name``."""
+    md = {"help": help, "choices": choices, "metavar": metavar, "flag": flag}
+    if isinstance(default, list):
+        items = list(default)
+        return dataclasses.field(default_factory=lambda: list(items), metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+
+@dataclass(frozen=True, slots=True)
+class Verb:
+    name: str  # "plan", or "data prepare" for a verb in a group
+    summary: str  # one line, shown by ``cubelm --help``
+    target: str  # "package.module:OptionsClass:run_function"
+
+
+VERBS: list[Verb] = [
+    Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
+         "cubelm.systems.commands:PlanOptions:run_plan"),
+    Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
+         "cubelm.systems.commands:FlopsOptions:run_flops"),
+    Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
+         "cubelm.engine.commands:GenerateOptions:run_generate"),
+    Verb("model init", "Create a randomly initialized model directory from a preset (HF format).",
+         "cubelm.model.commands:InitOptions:run_init"),
+    Verb("model info", "Show a model directory's or preset's configuration and parameter count.",
+         "cubelm.model.commands:InfoOptions:run_info"),
+]
+
+
+def _resolve(target: str):
+    module, cls, fn = target.split(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, fn)
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if "help" not in md:
+            continue
+        tp = _unwrap_optional(hints[f.name])
+        flag = md.get("flag") or "--" + f.name.replace("_", "-")
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kw: dict = {"dest": f.name, "help": md["help"]}
+        if tp is bool:
+            kw.update(action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(tp) is list:
+            kw.update(action="append", type=typing.get_args(tp)[0], default=None)
+        else:
+            kw.update(type=tp, default=default, choices=md.get("choices"), metavar=md.get("metavar"))
+            if not has_default:
+                kw["required"] = True
+        if has_default and default not in (None, False, []) and tp is not bool:
+            kw["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cubelm", description="cubelm: a hackable, end-to-end LLM system. One verb per lifecycle step.")
+    from cubelm import __version__
+    parser.add_argument("--version", action="version", version=f"cubelm {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for verb in VERBS:
+        words = verb.name.split()
+        target_sub = sub
+        if len(words) == 2:
+            if words[0] not in groups:
+                gp = sub.add_parser(words[0], help=f"{words[0]} commands (see 'cubelm {words[0]} --help')")
+                groups[words[0]] = gp.add_subparsers(dest="subverb", metavar="VERB", required=True)
+            target_sub = groups[words[0]]
+        p = target_sub.add_parser(words[-1], help=verb.summary, description=verb.summary)
+        cls, _ = _resolve(verb.target)
+        _add_fields(p, cls)
+        p.set_defaults(_target=verb.target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_target", None):
+        parser.print_help()
+        return 2
+    cls, run = _resolve(args._target)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {k: v for k, v in values.items() if v is not None or k not in _defaults(cls)}
+    try:
+        options = cls(**values)
+        return int(run(options) or 0)
+    except CubelmError as e:
+        print(f"cubelm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cubelm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _defaults(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Hugging Face format on disk, both ways: ``config.json`` + ``model.safetensors`` + ``generation_config.json``.
+
+Reading accepts a single ``model.safetensors`` or a sharded ``model.safetensors.index.json``; it never unpickles
+(``pytorch_model.bin`` is refused with a hint), so loading an untrusted directory cannot run code. Writing
+produces what ``transformers.AutoModelForCausalLM.from_pretrained`` loads; each file is written to a temporary
+name and renamed, so a crash never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cubelm.errors import CubelmError
+from cubelm.model.config import ModelConfig, read_config_json
+from cubelm.model.transformer import CausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto`` is float32 on CPU (16-bit matmuls are slow without bf16 hardware) and bfloat16 on CUDA."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise CubelmError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    single, index = model_dir / WEIGHTS_NAME, model_dir / INDEX_NAME
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CubelmError(f"{index} is malformed ({e}); it must hold a 'weight_map'") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CubelmError(f"{index} names shard {f.name}, which is missing from {model_dir}")
+        return files
+    pickled = [n for n in _PICKLE_NAMES if (model_dir / n).exists()]
+    if pickled or list(model_dir.glob("*.bin")):
+        name = pickled[0] if pickled else next(model_dir.glob("*.bin")).name
+        raise CubelmError(f"{model_dir / name} is a pickle checkpoint; cubelm loads only safetensors (pickle can run "
+                          f"code). Convert it: load with transformers, then save_pretrained(safe_serialization=True)")
+    raise CubelmError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {model_dir}; is this a model directory?")
+
+
+def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(model_dir)):
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CubelmError(f"{f} is not a readable safetensors file ({e}); re-save or re-download it") from None
+    return state
+
+
+def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = "auto") -> CausalLM:
+    """Build the model on the meta device, then assign the checkpoint's tensors (no double allocation)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CubelmError(f"model directory {model_dir} does not exist")
+    cfg = read_config_json(model_dir)
+    dtype = resolve_dtype(dtype, device)
+    state = load_state_dict(model_dir)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise CubelmError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}{'...' if len(missing) + len(unexpected) > 6 else ''})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CubelmError(f"{model_dir}: {k} has shape {tuple(state[k].shape)} but config.json implies "
+                              f"{tuple(v.shape)}")
+    state = {k: state[k].to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    # Non-persistent buffers (RoPE frequencies) are still on meta: recompute them for real.
+    from cubelm.model.layers import rope_inv_freq
+    model.model.rotary_emb.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def read_generation_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CubelmError(f"{path} is not valid JSON ({e})") from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def save_model(model: CausalLM, model_dir: str | Path, *, dtype: torch.dtype | None = None,
+               generation_config: dict | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write config.json, model.safetensors (sharded with an index above ``max_shard_bytes``), generation_config.json."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    cfg: ModelConfig = model.config
+    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; HF re-ties on load
+    saved_dtype = next(iter(state.values())).dtype
+    cfg_dict = cfg.to_hf_dict() | {"torch_dtype": str(saved_dtype).removeprefix("torch.")}
+    shards = _split_shards(state, max_shard_bytes)
+    for stale in [model_dir / INDEX_NAME, model_dir / WEIGHTS_NAME, *model_dir.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic_write(model_dir / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(model_dir / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(model_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(model_dir / "config.json", cfg_dict)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    _write_json(model_dir / "generation_config.json", gen | (generation_config or {}))
+    return model_dir
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards, current, size = [], {}, 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = t, size + nbytes
+    return shards + [current] if current else shards
