@@ -88,7 +88,17 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag, **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected_verb(argv: list[str]) -> Verb | None:
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for n in (2, 1):
+        for verb in VERBS:
+            if verb.name.split() == words[:n]:
+                return verb
+    return None
+
+
+def build_parser(selected: Verb | None = None, *, all_verbs: bool = False) -> argparse.ArgumentParser:
+    """Only the selected verb's module is imported (``all_verbs`` imports every one, for tests)."""
     parser = argparse.ArgumentParser(
         prog="cubelm", description="cubelm: a hackable, end-to-end LLM system. One verb per lifecycle step.")
     from cubelm import __version__
@@ -104,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[words[0]] = gp.add_subparsers(dest="subverb", metavar="VERB", required=True)
             target_sub = groups[words[0]]
         p = target_sub.add_parser(words[-1], help=verb.summary, description=verb.summary)
-        cls, _ = _resolve(verb.target)
-        _add_fields(p, cls)
+        if all_verbs or verb is selected:
+            cls, _ = _resolve(verb.target)
+            _add_fields(p, cls)
         p.set_defaults(_target=verb.target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_selected_verb(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_target", None):
         parser.print_help()

@@ -1,0 +1,81 @@
+"""``cubelm generate``: stream a continuation of a prompt from a model directory (reference path)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cubelm.cli import opt
+from cubelm.errors import CubelmError
+
+
+@dataclass(slots=True, kw_only=True)
+class GenerateOptions:
+    model: str | None = opt(None, help="model directory (HF format); default: the default model in the model store")
+    prompt: str = opt(help="text to continue", metavar="TEXT")
+    max_new_tokens: int = opt(128, help="maximum number of tokens to generate")
+    temperature: float = opt(0.8, help="sampling temperature; 0 means greedy")
+    top_k: int = opt(50, help="sample among the k most likely tokens; 0 turns it off")
+    top_p: float = opt(1.0, help="nucleus sampling: smallest set of tokens with this total probability; 1 = off")
+    seed: int | None = opt(None, help="random seed: the same seed gives the same text")
+    ignore_eos: bool = opt(False, help="keep generating after the end-of-sequence token")
+    device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise CubelmError("--prompt is empty; give some text to continue, e.g. --prompt 'def fibonacci(n):'")
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    from cubelm.store import is_complete_model_dir, model_path
+    if model is None:
+        path = model_path()
+        if not is_complete_model_dir(path):
+            raise CubelmError(f"no default model at {path}; build it with 'cubelm build-default' or pass --model DIR")
+        return path
+    path = Path(model)
+    if not path.is_dir():
+        raise CubelmError(f"model directory {path} does not exist; pass a directory holding config.json "
+                          f"and model.safetensors")
+    return path
+
+
+def run_generate(o: GenerateOptions) -> int:
+    import torch
+
+    from cubelm.data.tokenizer import load_tokenizer
+    from cubelm.engine.detokenize import IncrementalDetokenizer
+    from cubelm.engine.reference import GenerationConfig, GenerationResult, generate_tokens
+    from cubelm.model.hf_io import load_model
+
+    gen = GenerationConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
+                           top_p=o.top_p, seed=o.seed, ignore_eos=o.ignore_eos)
+    model_dir = resolve_model_dir(o.model)
+    try:
+        device = torch.device(o.device)
+    except RuntimeError:
+        raise CubelmError(f"unknown device {o.device!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CubelmError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    t0 = time.perf_counter()
+    model = load_model(model_dir, device=device, dtype=o.dtype)
+    tok = load_tokenizer(model_dir)
+    prompt_ids = tok.encode(o.prompt)
+    print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
+          f"{time.perf_counter() - t0:.1f}s; prompt {len(prompt_ids)} tokens", file=sys.stderr)
+    detok, result = IncrementalDetokenizer(tok.decode), GenerationResult([], "length")
+    t1 = time.perf_counter()
+    sys.stdout.write(o.prompt)
+    for token_id in generate_tokens(model, prompt_ids, gen, result):
+        sys.stdout.write(detok.add(token_id))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    sys.stdout.flush()
+    dt = time.perf_counter() - t1
+    n = len(result.token_ids)
+    print(f"[cubelm] {n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), finish_reason={result.finish_reason}",
+          file=sys.stderr)
+    return 0
