@@ -42,10 +42,20 @@ VERBS: list[Verb] = [
          "cubelm.systems.commands:FlopsOptions:run_flops"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
          "cubelm.engine.commands:GenerateOptions:run_generate"),
+    Verb("train", "Train a model on packed data (AdamW, cosine schedule, checkpoints, exact --resume).",
+         "cubelm.train.commands:TrainOptions:run_train"),
+    Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",
+         "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
     Verb("model init", "Create a randomly initialized model directory from a preset (HF format).",
          "cubelm.model.commands:InitOptions:run_init"),
     Verb("model info", "Show a model directory's or preset's configuration and parameter count.",
          "cubelm.model.commands:InfoOptions:run_info"),
+    Verb("data prepare", "Read, clean (with a report), tokenize and pack a corpus into train/val token shards.",
+         "cubelm.data.commands:PrepareOptions:run_prepare"),
+    Verb("data info", "Check a packed data directory and show its token counts and statistics.",
+         "cubelm.data.commands:InfoOptions:run_info"),
+    Verb("tokenizer train", "Train a byte-level BPE tokenizer (HF format, chat template) and print its stats.",
+         "cubelm.data.commands:TokenizerTrainOptions:run_tokenizer_train"),
 ]
 
 

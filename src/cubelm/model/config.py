@@ -52,10 +52,20 @@ class ModelConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CubelmError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise CubelmError(f"config field head_dim must be a positive integer, got {self.head_dim!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise CubelmError(f"config field sliding_window must be a positive integer or null, "
+                              f"got {self.sliding_window!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise CubelmError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise CubelmError(f"config field rope_scaling must be an object or null, got {self.rope_scaling!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise CubelmError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -72,6 +82,11 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise CubelmError(f"rope type {rope_type!r} is not supported; cubelm implements "
                               f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        needed = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                                   "original_max_position_embeddings")}[rope_type]
+        absent = [k for k in needed if not isinstance((self.rope_scaling or {}).get(k), (int, float))]
+        if absent:
+            raise CubelmError(f"rope scaling {rope_type!r} needs numeric {', '.join(absent)} in config.json")
 
     # ---- derived shapes -------------------------------------------------------------------------------
     @property
