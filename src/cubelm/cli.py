@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         options = cls(**values)
         return int(run(options) or 0)
     except CubelmError as e:
-        print(f"cubelm: error: {e}", file=sys.stderr)
+        print("cubelm: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("cubelm: interrupted", file=sys.stderr)

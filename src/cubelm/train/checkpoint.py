@@ -1,0 +1,142 @@
+"""Checkpoints you can trust: atomic, self-describing, loadable without pickle code execution.
+
+A checkpoint is a directory ``checkpoints/step-000140/`` holding an HF-format model (``config.json`` +
+``model.safetensors``), ``optimizer.pt`` (tensors and numbers only: ``torch.load(weights_only=True)``),
+``rng.pt`` and ``trainer_state.json`` (step, samples consumed, best validation loss, the training config).
+It is written under a temporary name and renamed into place only once complete and fsynced, so a process killed
+mid-write leaves the previous checkpoint untouched; leftover temporaries are swept on the next start.
+The last ``keep_last`` checkpoints and the best one (``best.json``) are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cubelm.errors import CubelmError
+
+STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+@dataclass(slots=True)
+class TrainerState:
+    step: int  # optimizer steps completed
+    samples: int  # training samples consumed (the data-loader position)
+    best_val_loss: float | None = None
+
+
+def _fault_injection_pause() -> None:
+    # Tests kill a real trainer while a checkpoint is being written; this widens that window on request.
+    seconds = float(os.environ.get("CUBELM_FAULT_CHECKPOINT_SLEEP", "0") or 0)
+    if seconds:
+        import time
+        time.sleep(seconds)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in [*path.iterdir(), path]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(ckpt_root: Path, model, optimizer, state: TrainerState, train_config: dict,
+                    extra_files: dict[str, Path] | None = None) -> Path:
+    from cubelm.model.hf_io import save_model
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{state.step:06d}"
+    tmp = ckpt_root / f"step-{state.step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _fault_injection_pause()
+    torch.save({"cpu": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, tmp / "rng.pt")
+    for name, src in (extra_files or {}).items():
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)
+    (tmp / STATE_NAME).write_text(json.dumps({"step": state.step, "samples": state.samples,
+                                              "best_val_loss": state.best_val_loss, "config": train_config},
+                                             indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (a resumed run): move the old one out of the way first
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.glob("step-*") if p.is_dir() and "." not in p.name and (p / STATE_NAME).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def sweep_incomplete(ckpt_root: Path) -> list[Path]:
+    """Remove temporaries left by a killed writer; return what was removed."""
+    stale = [p for p in ckpt_root.glob("step-*.*") if p.is_dir()] if ckpt_root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def mark_best(ckpt_root: Path, step: int, val_loss: float) -> None:
+    tmp = ckpt_root / "best.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    os.replace(tmp, ckpt_root / "best.json")
+
+
+def best_step(ckpt_root: Path) -> int | None:
+    try:
+        return int(json.loads((ckpt_root / "best.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    keep_best = best_step(ckpt_root)
+    for p in list_checkpoints(ckpt_root)[:-keep_last]:
+        if int(p.name.split("-")[1]) != keep_best:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
+    """Restore model, optimizer and RNG in place; return the trainer state and the saved training config."""
+    from cubelm.model.hf_io import load_state_dict
+
+    try:
+        meta = json.loads((path / STATE_NAME).read_text())
+        model_state = load_state_dict(path)
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        rng = torch.load(path / "rng.pt", weights_only=True)
+    except CubelmError as e:
+        raise CubelmError(f"checkpoint {path} is corrupt: {e}; resume from an earlier one or start over") from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CubelmError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {first_line}); "
+                          f"delete it to resume from an earlier one") from None
+    if model.config.tie_word_embeddings:
+        model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CubelmError(f"checkpoint {path} does not fit this model/optimizer ({str(e).splitlines()[0]}); "
+                          f"resume with the same preset and data") from None
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainerState(meta["step"], meta["samples"], meta.get("best_val_loss")), meta.get("config", {})

@@ -1,0 +1,211 @@
+"""The training loop: one ``Trainer`` that builds the model from a preset and packed data, trains with AdamW,
+evaluates (loss, perplexity, bits per byte), samples, checkpoints atomically and exports HF format.
+
+Exact resume: the only state besides weights and optimizer moments is the step counter and the number of samples
+consumed (batches are a pure function of that counter, see ``batches.py``); fp32 on CPU resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cubelm.errors import CubelmError
+from cubelm.train.batches import IGNORE_INDEX, WindowSampler
+from cubelm.train.checkpoint import (TrainerState, list_checkpoints, load_checkpoint, mark_best, prune,
+                                     save_checkpoint, sweep_incomplete)
+from cubelm.train.config import TrainConfig
+from cubelm.train.metrics import MetricsLog, bits_per_byte, plot_curves
+from cubelm.train.optim import build_optimizer, lr_at, set_lr
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in fp32 over (B, T, V) logits; targets == -100 are ignored (masked prompt tokens)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes each token stands for (0 for special tokens): the denominator of bits per byte."""
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    lengths = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(vocab_size)]
+    return torch.tensor(lengths, dtype=torch.int64)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
+                 log=None):
+        from cubelm.data.packed import PackedData
+        from cubelm.data.tokenizer import load_tokenizer
+        from cubelm.model.config import preset
+        from cubelm.model.transformer import build_model
+
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.data_dir = Path(data_dir)
+        data = PackedData(self.data_dir)
+        self.tokenizer_dir = self.data_dir / "tokenizer"
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        meta = data.meta
+        base = preset(cfg.preset)
+        self.model_config = base.replace(
+            vocab_size=int(meta["vocab_size"]), bos_token_id=meta.get("bos_token_id"),
+            eos_token_id=meta.get("eos_token_id"), pad_token_id=meta.get("pad_token_id"),
+            max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # fp32 master weights
+        if cfg.activation_checkpointing:
+            from cubelm.train.activation_checkpointing import apply_activation_checkpointing
+            apply_activation_checkpointing(self.model)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.train_batches = WindowSampler(data.train, cfg.seq_len, mask=data.train_mask, seed=cfg.seed)
+        self.val_batches = WindowSampler(data.val, cfg.seq_len, mask=data.val_mask, shuffle=False)
+        self.token_bytes = token_byte_lengths(self.tokenizer, self.model_config.vocab_size).to(self.device)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.state = TrainerState(step=0, samples=0)
+        if resume:
+            self._resume()
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl",
+                                  truncate_after_step=self.state.step if resume else None)
+
+    def _resume(self) -> None:
+        removed = sweep_incomplete(self.ckpt_root)
+        if removed:
+            self.log(f"[cubelm] removed {len(removed)} incomplete checkpoint(s) left by a killed run")
+        ckpts = list_checkpoints(self.ckpt_root)
+        if not ckpts:
+            self.log(f"[cubelm] --resume: no checkpoint in {self.ckpt_root}; starting from step 0")
+            return
+        self.state, saved = load_checkpoint(ckpts[-1], self.model, self.optimizer)
+        changed = {k: (saved[k], v) for k, v in self.cfg.to_dict().items()
+                   if k in saved and saved[k] != v and k not in ("stop_after", "eval_interval", "sample_interval",
+                                                                 "checkpoint_interval", "keep_last", "compile")}
+        if changed:
+            raise CubelmError(f"--resume with a different config changes {changed} (saved, now); resume with "
+                              f"the original settings or train into a new --out")
+        self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
+
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.state.step
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            x, y = self.train_batches.batch(self.state.samples, cfg.micro_batch_size, device=self.device)
+            self.state.samples += cfg.micro_batch_size
+            with self._autocast():
+                loss = lm_loss(self.forward(x), y)
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return {"kind": "train", "step": self.state.step, "loss": (total / cfg.grad_accum).item(), "lr": lr,
+                "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        loss_sum, tokens, nbytes = 0.0, 0, 0
+        for i in range(self.cfg.eval_batches):
+            x, y = self.val_batches.batch(i * self.cfg.micro_batch_size, self.cfg.micro_batch_size, device=self.device)
+            with self._autocast():
+                losses = lm_loss(self.model(x), y, reduction="none")
+            valid = y.flatten() != IGNORE_INDEX
+            loss_sum += float(losses[valid].sum())
+            tokens += int(valid.sum())
+            nbytes += int(self.token_bytes[y.flatten()[valid]].sum())
+        self.model.train()
+        val_loss = loss_sum / max(1, tokens)
+        return {"kind": "eval", "step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                "val_bpb": bits_per_byte(loss_sum, nbytes), "val_tokens": tokens}
+
+    def sample(self, prompt: str = "def ", max_new_tokens: int = 64) -> str:
+        from cubelm.engine.reference import GenerationConfig, generate_tokens
+        self.model.eval()
+        ids = self.tokenizer.encode(prompt)
+        gen = GenerationConfig(temperature=0.8, top_k=50, seed=0, max_new_tokens=max_new_tokens)
+        out = list(generate_tokens(self.model, ids, gen))
+        self.model.train()
+        return prompt + self.tokenizer.decode(out)
+
+    def save(self, eval_record: dict | None = None) -> Path:
+        if eval_record and (self.state.best_val_loss is None or eval_record["val_loss"] < self.state.best_val_loss):
+            self.state.best_val_loss = eval_record["val_loss"]
+            is_best = True
+        else:
+            is_best = False
+        path = save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.cfg.to_dict(),
+                               extra_files=self._tokenizer_files())
+        if is_best:
+            mark_best(self.ckpt_root, self.state.step, eval_record["val_loss"])
+        prune(self.ckpt_root, self.cfg.keep_last)
+        return path
+
+    def _tokenizer_files(self) -> dict[str, Path]:
+        return {p.name: p for p in self.tokenizer_dir.glob("*.json")}
+
+    def run(self, progress: bool = True) -> Path:
+        """Train to ``max_steps`` (or ``stop_after`` more steps); return the exported HF model directory."""
+        from tqdm import tqdm
+        cfg = self.cfg
+        self.model.train()
+        end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, self.state.step + cfg.stop_after)
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not progress, file=sys.stderr,
+                   unit="step", dynamic_ncols=True)
+        t_last, tokens_since = time.perf_counter(), 0
+        while self.state.step < end:
+            rec = self.train_step()
+            tokens_since += cfg.tokens_per_step
+            now = time.perf_counter()
+            rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            self.metrics.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            step = self.state.step
+            eval_rec = None
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                eval_rec = self.evaluate()
+                sample_every = cfg.sample_interval or cfg.eval_interval
+                if step % sample_every == 0 or step == cfg.max_steps:
+                    eval_rec["sample"] = self.sample()
+                self.metrics.write(eval_rec)
+                bar.write(f"[cubelm] step {step}: val loss {eval_rec['val_loss']:.4f}, ppl {eval_rec['val_ppl']:.1f}, "
+                          f"bits/byte {eval_rec['val_bpb']:.4f}" + (f"\n{eval_rec['sample']}" if 'sample' in eval_rec
+                                                                   else ""))
+                t_last = time.perf_counter()  # do not charge eval time to training throughput
+            if step % cfg.checkpoint_interval == 0 or step == end:
+                self.save(eval_rec)
+                t_last = time.perf_counter()
+        bar.close()
+        plot_curves(self.metrics.records(), self.out_dir / "curves.png")
+        return self.export() if self.state.step >= cfg.max_steps else self.ckpt_root
+
+    def export(self, out: Path | None = None) -> Path:
+        """The final model in HF format (weights + tokenizer), ready for ``cubelm generate`` and transformers."""
+        from cubelm.model.hf_io import save_model
+        out = out or self.out_dir / "model"
+        save_model(self.model, out, generation_config={"do_sample": True, "temperature": 0.8, "top_k": 50})
+        for name, src in self._tokenizer_files().items():
+            shutil.copyfile(src, out / name)
+        summary = {"step": self.state.step, "best_val_loss": self.state.best_val_loss,
+                   "train_config": self.cfg.to_dict(), "data": str(self.data_dir)}
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        return out
