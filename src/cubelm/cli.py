@@ -46,6 +46,8 @@ VERBS: list[Verb] = [
          "cubelm.train.commands:TrainOptions:run_train"),
     Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",
          "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
+    Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
+         "cubelm.eval.commands:BpbOptions:run_bpb"),
     Verb("model init", "Create a randomly initialized model directory from a preset (HF format).",
          "cubelm.model.commands:InitOptions:run_init"),
     Verb("model info", "Show a model directory's or preset's configuration and parameter count.",
