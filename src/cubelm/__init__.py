@@ -5,3 +5,13 @@ Command line: ``cubelm --help``. Heavy modules (torch) are imported lazily so ``
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # ``from cubelm import LLM, SamplingParams`` without importing torch at package import
+    if name == "LLM":
+        from cubelm.engine.llm import LLM
+        return LLM
+    if name == "SamplingParams":
+        from cubelm.engine.params import SamplingParams
+        return SamplingParams
+    raise AttributeError(name)

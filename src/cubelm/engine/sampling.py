@@ -27,19 +27,30 @@ class SamplingConfig:
             raise CubelmError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / top-p set to -inf. logits (B, V), already temperature-scaled."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass of the tokens ranked above it already reaches top_p (the first always stays)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor,
+                  min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p / min-p set to -inf. logits (B, V), temperature-scaled.
+
+    ``top_k`` (0 = off), ``top_p`` (1 = off) and ``min_p`` (0 = off) are scalars or per-row tensors (B,). Top-p
+    is applied to the distribution renormalized after top-k, as transformers and vLLM do.
+    """
+    B, V = logits.shape
+    as_rows = lambda x, dtype: (x if torch.is_tensor(x) else torch.tensor([x], dtype=dtype)).to(logits.device)
+    top_k, top_p, min_p = as_rows(top_k, torch.long), as_rows(top_p, torch.float32), as_rows(min_p, torch.float32)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p.unsqueeze(-1) * probs.amax(-1, keepdim=True), float("-inf"))
+    if not bool(((top_k > 0) & (top_k < V)).any() or (top_p < 1).any()):
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k, V).unsqueeze(-1)
+    drop = torch.arange(V, device=logits.device) >= k  # beyond top-k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    # drop a token when the mass of the tokens ranked above it already reaches top_p (the first always stays)
+    drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""Engine configuration and KV-pool sizing (through the memory planner, ``cubelm.systems.memory``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from cubelm.errors import CubelmError
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: str | int | float = "1GiB"  # bytes ("2GiB", 2_000_000) or a fraction of RAM (0.2)
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests use tiny pools to force preemption)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0  # for unseeded sampling
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CubelmError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise CubelmError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_budget_bytes(spec: str | int | float) -> int:
+    from cubelm.systems.memory import parse_bytes
+    if isinstance(spec, float) or (isinstance(spec, str) and spec.replace(".", "", 1).isdigit() and "." in spec):
+        fraction = float(spec)
+        if not 0 < fraction < 1:
+            raise CubelmError(f"kv_cache_memory as a fraction of RAM must be in (0, 1), got {spec}")
+        return int(fraction * _ram_bytes())
+    return parse_bytes(spec)
+
+
+@dataclass(slots=True)
+class PoolPlan:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    weight_bytes: int
+    max_model_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        full = self.num_tokens // self.max_model_len
+        return (f"[cubelm] engine: weights {self.weight_bytes / 2**20:,.1f} MiB; KV cache "
+                f"{self.num_blocks * self.bytes_per_block / 2**20:,.1f} MiB = {self.num_blocks:,} blocks x "
+                f"{self.block_size} tokens = {self.num_tokens:,} tokens; {full:,} concurrent sequences at the full "
+                f"context of {self.max_model_len:,}")
+
+
+def plan_pool(cfg, config: EngineConfig, param, max_model_len: int) -> PoolPlan:
+    from cubelm.systems.memory import plan_kv_pool
+    dtype = str(param.dtype).removeprefix("torch.")
+    weight_bytes = cfg.num_params() * param.element_size()
+    if config.num_blocks is not None:
+        per_block = plan_kv_pool(cfg, 0, block_size=config.block_size, dtype=dtype,
+                                 max_model_len=max_model_len).bytes_per_block
+        return PoolPlan(config.num_blocks, config.block_size, per_block, weight_bytes, max_model_len)
+    budget = kv_budget_bytes(config.kv_cache_memory)
+    plan = plan_kv_pool(cfg, budget, block_size=config.block_size, dtype=dtype, max_model_len=max_model_len)
+    # no point holding more than max_num_seqs sequences at full context
+    cap = config.max_num_seqs * plan.blocks_per_seq
+    num_blocks = min(plan.num_blocks, cap)
+    if num_blocks < 1:
+        raise CubelmError(f"kv_cache_memory {config.kv_cache_memory} holds no {config.block_size}-token block "
+                          f"({plan.bytes_per_block:,} bytes each); raise it")
+    return PoolPlan(num_blocks, config.block_size, plan.bytes_per_block, weight_bytes, max_model_len)

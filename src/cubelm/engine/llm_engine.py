@@ -1,0 +1,211 @@
+"""``LLMEngine``: requests in, tokens out, one ``step()`` at a time (schedule -> run -> sample -> postprocess).
+
+    engine = LLMEngine.from_model_dir("model/", EngineConfig(kv_cache_memory="1GiB"))
+    engine.add_request("r1", "def fibonacci(n):", SamplingParams(max_tokens=64))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+The offline ``LLM`` and the async server loop are thin layers over this class.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cubelm.engine.block_manager import BlockManager
+from cubelm.engine.config import EngineConfig, plan_pool
+from cubelm.engine.detokenize import IncrementalDetokenizer
+from cubelm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from cubelm.engine.params import SamplingParams
+from cubelm.engine.runner import ModelRunner
+from cubelm.engine.sampler import sample_batch
+from cubelm.engine.scheduler import Scheduler
+from cubelm.engine.sequence import Sequence, Status
+from cubelm.errors import CubelmError
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    emitted: list[int] = field(default_factory=list)  # text chars already streamed, per sequence
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, log=None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.pool = plan_pool(cfg, config, next(model.parameters()), self.max_model_len)
+        (log or _stderr)(self.pool.describe())
+        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size)
+        self.eos_token_ids = frozenset(cfg.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer else []))
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
+        self.num_generated_tokens = self.num_prompt_tokens = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir, config: EngineConfig | None = None, *, device="cpu", dtype="auto", log=None):
+        from cubelm.data.tokenizer import load_tokenizer
+        from cubelm.model.hf_io import load_model
+        return cls(load_model(model_dir, device=device, dtype=dtype), load_tokenizer(model_dir), config, log=log)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+                    ) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise CubelmError(f"request id {request_id!r} is already in use")
+        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        self._validate(ids, params)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, ids, params, self.eos_token_ids, parent=seqs[0] if seqs else None)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            if self.tokenizer is not None:
+                seq.detok = IncrementalDetokenizer(
+                    lambda t, skip=params.skip_special_tokens: self.tokenizer.decode(t, skip_special_tokens=skip))
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        req = Request(request_id, text, ids, params, seqs, RequestMetrics(time.monotonic()), [0] * params.n)
+        self.requests[request_id] = req
+        self.num_prompt_tokens += len(ids)
+        return req
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise CubelmError("prompt is empty: it must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise CubelmError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise CubelmError(f"prompt has {len(ids)} tokens but the context length is {self.max_model_len}; "
+                              f"shorten the prompt")
+        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        if needed > self.pool.num_tokens:
+            raise CubelmError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs {needed} KV slots but "
+                              f"the cache holds {self.pool.num_tokens}; raise kv_cache_memory or lower max_tokens")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        now = time.monotonic()
+        to_sample, rows = [], []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                to_sample.append(seq)
+                rows.append(row)
+        touched = {}
+        if to_sample:
+            tokens, logprobs = sample_batch(logits[rows], to_sample, self.generator)
+            for seq, token, lp in zip(to_sample, tokens, logprobs):
+                self._append_token(seq, token, lp, now)
+                touched[seq.request_id] = self.requests.get(seq.request_id)
+        for req in touched.values():
+            if req is not None and req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        return [self._output(r) for r in touched.values() if r is not None]
+
+    def _append_token(self, seq: Sequence, token: int, lp, now: float) -> None:
+        p, req = seq.params, self.requests[seq.request_id]
+        self.num_generated_tokens += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.metrics.last_token_time = now
+        req.metrics.token_times.append(now)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in seq.eos_token_ids):
+            stop_reason = token if token in p.stop_token_ids else None
+            return self._finish(seq, "stop", stop_reason)
+        seq.token_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp.logprob
+        if seq.detok is not None:
+            before = len(seq.text)
+            seq.text += seq.detok.add(token)
+            if p.stop and self._check_stop_strings(seq, before):
+                return
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence, before: int) -> bool:
+        longest = max(map(len, seq.params.stop))
+        start = max(0, before - longest + 1)  # a stop string may straddle the old/new text boundary
+        hits = [(seq.text.find(s, start), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        idx, stop = min(hits)
+        seq.text = seq.text[:idx]
+        self._finish(seq, "stop", stop)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        req = self.requests.get(seq.request_id)
+        if req is not None and req.finished:
+            req.metrics.finished_time = time.monotonic()
+
+    def _output(self, req: Request, *, delta: bool = False) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            outs.append(CompletionOutput(
+                seq.index, self.visible_text(seq), seq.output_token_ids,
+                seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                list(seq.logprobs) if seq.params.logprobs is not None else None, seq.finish_reason, seq.stop_reason))
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
+                             req.seqs[0].num_cached_tokens, req.metrics)
+
+    @staticmethod
+    def visible_text(seq: Sequence) -> str:
+        """Text safe to show now: while running, hold back a tail that could still grow into a stop string."""
+        if seq.is_finished or not seq.params.stop:
+            return seq.text
+        hold = max(map(len, seq.params.stop)) - 1
+        return seq.text[:len(seq.text) - hold] if hold else seq.text
+
+    # ---- introspection -------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage_perc": bm.usage(), "prefix_cache_queries": bm.prefix_queries,
+                "prefix_cache_hits": bm.prefix_hits, "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
