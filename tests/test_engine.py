@@ -162,3 +162,71 @@ def test_prompt_longer_than_context(model):
     engine = LLMEngine(model, None, EngineConfig(num_blocks=256, block_size=4), log=lambda m: None)
     with pytest.raises(ValueError, match="context length"):
         engine.add_request("x", [5] * 600, SamplingParams())
+
+
+@pytest.fixture(scope="module")
+def draft_model(tmp_path_factory):
+    from cubelm.model.config import ModelConfig
+    from cubelm.model.transformer import build_model
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, eos_token_id=2)
+    return build_model(cfg, seed=4).eval()
+
+
+def run_spec(model, ps, params, spec, draft=None, **cfg):
+    from cubelm.engine.speculative import SpeculativeConfig
+    config = EngineConfig(**{"num_blocks": 256, "block_size": 4, **cfg}, speculative=SpeculativeConfig(**spec))
+    engine = LLMEngine(model, None, config, log=lambda m: None, draft_model=draft)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    engine.block_manager.check_whole()
+    return [done[str(i)] for i in range(len(ps))], engine
+
+
+def test_speculative_greedy_is_exact(model, draft_model):
+    ps = prompts(6, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain, _ = run(model, ps, params)
+    # a draft that agrees with the target: the target itself (all accepted) and a random small model (mostly not)
+    for draft in (model, draft_model):
+        spec, engine = run_spec(model, ps, params, dict(method="draft", draft_model="x", num_speculative_tokens=3),
+                                draft=draft)
+        assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+        assert engine.spec_proposed > 0
+        if draft is model:
+            assert engine.spec_acceptance_rate == 1.0
+    # repetitive prompts so that prompt lookup finds n-grams
+    rep = [p[:8] * 4 for p in ps]
+    plain, _ = run(model, rep, params)
+    spec, engine = run_spec(model, rep, params, dict(method="ngram", num_speculative_tokens=4))
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert engine.spec_proposed > 0
+
+
+def test_speculative_with_preemption_and_tiny_pool(model, draft_model):
+    ps = prompts(8, seed=23)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = run(model, ps, params)
+    spec, engine = run_spec(model, ps, params, dict(method="draft", draft_model="x", num_speculative_tokens=4),
+                            draft=draft_model, num_blocks=40, max_num_batched_tokens=32)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    from cubelm.engine.speculative import verify
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        x = int(torch.multinomial(q[0], 1, generator=g))
+        accepted, token = verify([x], q, p, g)
+        counts[x if accepted else token] += 1
+    torch.testing.assert_close(counts / n, p[0], atol=0.012, rtol=0)

@@ -58,6 +58,8 @@ VERBS: list[Verb] = [
          "cubelm.data.commands:InfoOptions:run_info"),
     Verb("tokenizer train", "Train a byte-level BPE tokenizer (HF format, chat template) and print its stats.",
          "cubelm.data.commands:TokenizerTrainOptions:run_tokenizer_train"),
+    Verb("pipeline simulate", "Simulate a pipeline schedule: device timelines, bubble fraction, in-flight activations.",
+         "cubelm.systems.pipeline_commands:SimulateOptions:run_simulate"),
 ]
 
 

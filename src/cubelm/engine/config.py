@@ -18,6 +18,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0  # for unseeded sampling
+    speculative: "SpeculativeConfig | None" = None  # cubelm.engine.speculative
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -44,7 +44,7 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, log=None):
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, log=None, draft_model=None):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
@@ -60,6 +60,21 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.num_generated_tokens = self.num_prompt_tokens = 0
+        self.proposer = None
+        self.spec_proposed = self.spec_accepted = 0
+        if config.speculative is not None:
+            self.proposer = self._build_proposer(config.speculative, draft_model)
+
+    def _build_proposer(self, spec, draft_model):
+        from cubelm.engine.speculative import DraftProposer, NgramProposer
+        if spec.method == "ngram":
+            return NgramProposer(spec)
+        if draft_model is None:
+            from cubelm.model.hf_io import load_model
+            param = next(self.model.parameters())
+            draft_model = load_model(spec.draft_model, device=param.device, dtype=param.dtype)
+        return DraftProposer(draft_model.eval(), self.model.config, self.pool.num_blocks, self.config.block_size,
+                             self.generator)
 
     @classmethod
     def from_model_dir(cls, model_dir, config: EngineConfig | None = None, *, device="cpu", dtype="auto", log=None):
@@ -108,7 +123,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             for seq in req.seqs:
-                self.scheduler.finish(seq, "abort")
+                self._finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -116,18 +131,26 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:
+            if self.proposer is not None:
+                self.proposer.forget(seq)
         if not batch:
             return []
-        logits = self.runner.execute(batch)
+        spec = self._propose(batch) if self.proposer is not None else {}
+        logits, offsets = self.runner.run(batch.seqs, batch.num_new_tokens, full=frozenset(spec))
         now = time.monotonic()
-        to_sample, rows = [], []
+        to_sample, rows, touched = [], [], {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if row in spec:
+                rows_m = logits[offsets[row]:offsets[row] + n]
+                self._verify(seq, *spec[row], rows_m, now)
+                touched[seq.request_id] = self.requests.get(seq.request_id)
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 to_sample.append(seq)
-                rows.append(row)
-        touched = {}
+                rows.append(offsets[row])
         if to_sample:
             tokens, logprobs = sample_batch(logits[rows], to_sample, self.generator)
             for seq, token, lp in zip(to_sample, tokens, logprobs):
@@ -137,6 +160,47 @@ class LLMEngine:
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         return [self._output(r) for r in touched.values() if r is not None]
+
+    # ---- speculative decoding ------------------------------------------------------------------------------
+    def _propose(self, batch) -> dict[int, tuple[list[int], object]]:
+        """Draft tokens for plain decodes; they join the batch as extra query tokens to verify."""
+        k_max = self.config.speculative.num_speculative_tokens
+        rows, ks = [], []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            p = seq.params
+            if n != 1 or seq.num_output_tokens == 0 or p.logprobs is not None or p.has_penalties or p.min_tokens:
+                continue
+            k = min(k_max, p.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+            if k > 0 and self.block_manager.can_append(seq, 1 + k):
+                self.block_manager.append(seq, 1 + k)
+            else:
+                k = 0
+            rows.append(row)
+            ks.append(k)
+        spec = {}
+        for row, (drafts, q) in zip(rows, self.proposer.propose([batch.seqs[r] for r in rows], ks)):
+            if drafts:
+                batch.seqs[row].token_ids.extend(drafts)
+                batch.num_new_tokens[row] = 1 + len(drafts)
+                spec[row] = (drafts, q)
+        return spec
+
+    def _verify(self, seq: Sequence, drafts: list[int], q, logits: torch.Tensor, now: float) -> None:
+        from cubelm.engine.speculative import target_probs, verify
+        computed = seq.num_computed_tokens
+        del seq.token_ids[len(seq.token_ids) - len(drafts):]
+        accepted, token = verify(drafts, q, target_probs(logits, seq), seq.generator or self.generator)
+        self.spec_proposed += len(drafts)
+        self.spec_accepted += accepted
+        for tok in drafts[:accepted] + [token]:
+            self._append_token(seq, tok, None, now)
+            if seq.is_finished:
+                return
+        # K/V are valid for the last token and the accepted drafts; the new token is not computed yet
+        seq.num_computed_tokens = computed + accepted + 1
+        self.block_manager.commit(seq)
+        if hasattr(self.proposer, "rollback"):
+            self.proposer.rollback(seq, seq.num_computed_tokens)
 
     def _append_token(self, seq: Sequence, token: int, lp, now: float) -> None:
         p, req = seq.params, self.requests[seq.request_id]
@@ -174,6 +238,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         self.scheduler.finish(seq, reason, stop_reason)
+        if self.proposer is not None:
+            self.proposer.forget(seq)
         req = self.requests.get(seq.request_id)
         if req is not None and req.finished:
             req.metrics.finished_time = time.monotonic()
@@ -204,7 +270,13 @@ class LLMEngine:
         return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage_perc": bm.usage(), "prefix_cache_queries": bm.prefix_queries,
                 "prefix_cache_hits": bm.prefix_hits, "num_preemptions": self.scheduler.num_preemptions,
-                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens}
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens,
+                "spec_decode_num_draft_tokens": self.spec_proposed,
+                "spec_decode_num_accepted_tokens": self.spec_accepted}
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else None
 
 
 def _stderr(msg: str) -> None:

@@ -28,33 +28,34 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int]):
-        """Flat ids/positions (decodes first) and the paged metadata. Returns (ids, positions, meta, order) where
-        ``order[i]`` is the flat index of the last new token of ``seqs[i]``."""
+    def prepare(self, seqs: list[Sequence], num_new: list[int], starts: list[int] | None = None):
+        """Flat ids/positions (decodes first) and the paged metadata. Returns (ids, positions, meta, first) where
+        ``first[i]`` is the flat index of the first new token of ``seqs[i]``. ``starts`` defaults to each
+        sequence's ``num_computed_tokens`` (a draft model passes its own)."""
+        starts = starts if starts is not None else [s.num_computed_tokens for s in seqs]
         decodes = [i for i, n in enumerate(num_new) if n == 1]
         prefills = [i for i, n in enumerate(num_new) if n > 1]
-        ids, positions, slots, last = [], [], [], [0] * len(seqs)
+        ids, positions, slots, first = [], [], [], [0] * len(seqs)
         chunks = []
         for i in decodes + prefills:
-            seq, n = seqs[i], num_new[i]
-            start = seq.num_computed_tokens
+            seq, n, start = seqs[i], num_new[i], starts[i]
+            first[i] = len(ids)
             if n > 1:
                 chunks.append(PrefillChunk(len(ids), n, torch.tensor(self._slots(seq, 0, start + n),
                                                                       device=self.device)))
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             slots.extend(self._slots(seq, start, start + n))
-            last[i] = len(ids) - 1
         meta = PagedMetadata(slot_mapping=torch.tensor(slots, device=self.device), num_decodes=len(decodes),
                              prefills=chunks)
         if decodes:
-            meta.decode_slots, meta.decode_mask = self._decode_index([seqs[i] for i in decodes])
+            meta.decode_slots, meta.decode_mask = self._decode_index([seqs[i] for i in decodes],
+                                                                     [starts[i] + 1 for i in decodes])
         as_tensor = lambda x: torch.tensor(x, device=self.device).unsqueeze(0)
-        return as_tensor(ids), as_tensor(positions), meta, last
+        return as_tensor(ids), as_tensor(positions), meta, first
 
-    def _decode_index(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_index(self, seqs: list[Sequence], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
-        lens = [s.num_computed_tokens + 1 for s in seqs]
         max_blocks = -(-max(lens) // bs)
         tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
                                for s in seqs], device=self.device)  # (S, max_blocks)
@@ -70,11 +71,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns hidden-state logits (len(batch), vocab) at each sequence's last new token."""
-        ids, positions, meta, last = self.prepare(batch.seqs, batch.num_new_tokens)
+        """Run one step; returns logits (len(batch), vocab) at each sequence's last new token."""
+        return self.run(batch.seqs, batch.num_new_tokens)[0]
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_new: list[int], *, starts: list[int] | None = None,
+            full: frozenset[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
+        """Logits at each sequence's last new token, or at all its new tokens for rows in ``full`` (speculative
+        verification). Returns (logits (R, vocab), offsets) with sequence i's rows starting at ``offsets[i]``."""
+        ids, positions, meta, first = self.prepare(seqs, num_new, starts)
         self.attn.meta = meta
         hidden = self.model.hidden_states(ids, positions, self.attn)  # (1, N, h)
-        return self.model.lm_head(hidden[0, last])  # (B, vocab): only rows that may be sampled
+        rows, offsets = [], []
+        for i, n in enumerate(num_new):
+            offsets.append(len(rows))
+            rows.extend(range(first[i], first[i] + n) if i in full else [first[i] + n - 1])
+        return self.model.lm_head(hidden[0, rows]), offsets  # only rows that may be sampled
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst across all layers (copy-on-write for forked sequences)."""
