@@ -55,7 +55,7 @@ class LLMEngine:
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size)
+        self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode)
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer else []))
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)

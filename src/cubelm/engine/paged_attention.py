@@ -37,9 +37,12 @@ class PagedMetadata:
 
 
 class PagedAttention:
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None = None):
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_heads: int,
+                 sliding_window: int | None = None):
         self.k_cache, self.v_cache = k_cache, v_cache  # (L, num_slots, Hkv, D)
         self.sliding_window = sliding_window
+        # a Python bool fixed at construction: derived from shapes, torch.compile(dynamic=True) would make it symbolic
+        self.gqa = num_heads != k_cache.shape[2]
         self.meta: PagedMetadata | None = None
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -48,7 +51,7 @@ class PagedAttention:
         kc.index_copy_(0, meta.slot_mapping, k[0])
         vc.index_copy_(0, meta.slot_mapping, v[0])
         q = q[0]  # (N, Hq, D)
-        gqa = q.shape[1] != kc.shape[1]
+        gqa = self.gqa
         parts = []
         if meta.num_decodes:
             S = meta.num_decodes

@@ -15,14 +15,20 @@ from cubelm.model.transformer import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False):
         cfg = model.config
         param = next(model.parameters())
         self.model, self.block_size, self.device = model, block_size, param.device
         shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
-        self.attn = PagedAttention(self.k_cache, self.v_cache, cfg.sliding_window)
+        self.attn = PagedAttention(self.k_cache, self.v_cache, num_heads=cfg.num_attention_heads,
+                                   sliding_window=cfg.sliding_window)
+        # Decode-only steps can be compiled: dynamic=True because context lengths change every step, and the KV
+        # write is an index_copy_ at tensor slots, so a new position is new data, not a new graph. Steps with
+        # prompt chunks stay eager (their per-chunk Python loop would only fragment the graph).
+        self.decode_hidden_states = (torch.compile(model.hidden_states, dynamic=True) if compile_model
+                                     else model.hidden_states)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -81,7 +87,8 @@ class ModelRunner:
         verification). Returns (logits (R, vocab), offsets) with sequence i's rows starting at ``offsets[i]``."""
         ids, positions, meta, first = self.prepare(seqs, num_new, starts)
         self.attn.meta = meta
-        hidden = self.model.hidden_states(ids, positions, self.attn)  # (1, N, h)
+        forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
+        hidden = forward(ids, positions, self.attn)  # (1, N, h)
         rows, offsets = [], []
         for i, n in enumerate(num_new):
             offsets.append(len(rows))
