@@ -2,6 +2,8 @@
 
     cubelm plan --model llama-2-7b --dtype float16 --context 4096 --batch 1 --device-memory 24GiB
     cubelm plan --model llama-2-7b --mode full
+    cubelm plan --model llama-2-7b --mode full --dtype bf16 --batch 8 --dp 8 --dp-mode fsdp   # per-rank estimate
+    cubelm plan --model llama-2-7b --mode full --tp 4 --pp 2 --schedule 1f1b --microbatches 8
     cubelm flops --m 4096 --k 4096 --n 4096
     cubelm flops --model llama-2-7b --context 4096 --json
 """
@@ -15,7 +17,8 @@ from cubelm.cli import opt
 from cubelm.errors import CubelmError
 from cubelm.model.config import ModelConfig, param_count_str, resolve_config
 from cubelm.systems.flops import MatmulCost, matmul_cost, model_flops
-from cubelm.systems.memory import MODES, canonical_dtype, parse_bytes, plan_memory
+from cubelm.systems.memory import (MODES, PP_SCHEDULES, ParallelLayout, canonical_dtype, gib, parse_bytes,
+                                   per_rank_memory, plan_memory)
 
 
 def _check_positive(**values: int | None) -> None:
@@ -56,9 +59,27 @@ class PlanOptions:
     device_memory: str | None = opt(None, metavar="SIZE",
                                     help="budget to check against: bytes or 24GiB, 80GB, 512MiB (GB=1e9, GiB=2^30)")
     json_output: bool = opt(False, flag="--json", help="print the plan as JSON")
+    dp: int = opt(1, help="with --mode full: data-parallel degree, for a per-rank estimate (--batch is global)")
+    dp_mode: str = opt("fsdp", choices=("ddp", "fsdp"), help="ddp replicates training states, fsdp shards them")
+    tp: int = opt(1, help="tensor-parallel degree")
+    pp: int = opt(1, help="pipeline-parallel degree")
+    schedule: str = opt("1f1b", choices=PP_SCHEDULES, help="pipeline schedule (sets micro-batches in flight)")
+    microbatches: int = opt(1, help="pipeline micro-batches per step")
+    virtual_stages: int = opt(1, help="pipeline stages per rank")
+
+    @property
+    def layout(self) -> ParallelLayout | None:
+        if self.dp * self.tp * self.pp == 1:
+            return None
+        return ParallelLayout(dp=self.dp, dp_mode=self.dp_mode, tp=self.tp, pp=self.pp, schedule=self.schedule,
+                              microbatches=self.microbatches, virtual_stages=self.virtual_stages)
 
     def __post_init__(self) -> None:
-        _check_positive(context=self.context, batch=self.batch, lora_rank=self.lora_rank, block_size=self.block_size)
+        _check_positive(context=self.context, batch=self.batch, lora_rank=self.lora_rank, block_size=self.block_size,
+                        dp=self.dp, tp=self.tp, pp=self.pp, microbatches=self.microbatches,
+                        virtual_stages=self.virtual_stages)
+        if self.layout is not None and self.mode != "full":
+            raise CubelmError("--dp/--tp/--pp estimate per-rank training memory; add --mode full")
         canonical_dtype(self.dtype)
         if self.kv_dtype is not None:
             canonical_dtype(self.kv_dtype)
@@ -72,8 +93,11 @@ def run_plan(o: PlanOptions) -> int:
                        lora_rank=o.lora_rank, activation_checkpointing=o.activation_checkpointing,
                        attention=o.attention, kv_dtype=o.kv_dtype, block_size=o.block_size,
                        device_memory=None if o.device_memory is None else parse_bytes(o.device_memory))
+    rank = None if o.layout is None else per_rank_memory(cfg, o.layout, dtype=plan.dtype, context=o.context,
+                                                          batch=o.batch,
+                                                          activation_checkpointing=o.activation_checkpointing)
     if o.json_output:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(plan.to_dict() | ({"per_rank": rank.to_dict()} if rank else {}), indent=2))
         return 0
     n = cfg.num_params()
     print(f"cubelm plan: {o.model} ({n:,} params, {param_count_str(n)}), mode {plan.mode}, dtype {plan.dtype}, "
@@ -85,7 +109,22 @@ def run_plan(o: PlanOptions) -> int:
     print_table(rows[cut + 1:], ("line", "bytes", "GB", "GiB", "note"), right={1, 2, 3})
     for note in plan.notes:
         print(f"note: {note}")
+    if rank is not None:
+        _print_rank(rank)
     return 0
+
+
+def _print_rank(r) -> None:
+    lay = r.layout
+    print(f"\nper rank ({lay.world} ranks: dp {lay.dp} {lay.dp_mode} × tp {lay.tp} × pp {lay.pp}"
+          + (f" {lay.schedule}, {lay.microbatches} micro-batches, {lay.in_flight()} in flight" if lay.pp > 1 else "")
+          + "), busiest rank:")
+    rows = [("parameters computed with", f"{r.params:,}", "", "TP slice of this rank's stages"),
+            ("training states", f"{r.states:,}", gib(r.states), "/dp under fsdp"),
+            ("gathered layer weights", f"{r.gathered:,}", gib(r.gathered), "fsdp: two layers unsharded"),
+            ("activations", f"{r.activations:,}", gib(r.activations), "local batch, TP/SP shards"),
+            ("total", f"{r.total:,}", gib(r.total), "")]
+    print_table(rows, ("component", "bytes", "GiB", "note"), right={1, 2})
 
 
 # ---- cubelm flops -------------------------------------------------------------------------------------------------

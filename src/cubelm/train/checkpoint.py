@@ -1,8 +1,9 @@
 """Checkpoints you can trust: atomic, self-describing, loadable without pickle code execution.
 
 A checkpoint is a directory ``checkpoints/step-000140/`` holding an HF-format model (``config.json`` +
-``model.safetensors``), ``optimizer.pt`` (tensors and numbers only: ``torch.load(weights_only=True)``),
-``rng.pt`` and ``trainer_state.json`` (step, samples consumed, best validation loss, the training config).
+``model.safetensors``) and ``optimizer.pt`` (tensors and numbers only: ``torch.load(weights_only=True)``) —
+or, from a distributed run, a sharded ``dcp/`` directory (``torch.distributed.checkpoint``, see
+``cubelm.parallel.checkpoint``) that loads on any world size — plus ``rng.pt`` and ``trainer_state.json`` (step, samples consumed, best validation loss, the training config).
 It is written under a temporary name and renamed into place only once complete and fsynced, so a process killed
 mid-write leaves the previous checkpoint untouched; leftover temporaries are swept on the next start.
 The last ``keep_last`` checkpoints and the best one (``best.json``) are kept.
@@ -53,12 +54,20 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, state: TrainerState, trai
     from cubelm.model.hf_io import save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{state.step:06d}"
     tmp = ckpt_root / f"step-{state.step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     _fault_injection_pause()
+    return finish_checkpoint(ckpt_root, tmp, state, train_config, extra_files)
+
+
+def finish_checkpoint(ckpt_root: Path, tmp: Path, state: TrainerState, train_config: dict,
+                      extra_files: dict[str, Path] | None = None) -> Path:
+    """Add RNG, extra files and the trainer state to the weights in ``tmp``, fsync, rename into place.
+
+    Shared by the single-process format (safetensors + optimizer.pt) and the sharded one (``dcp/``)."""
+    final = ckpt_root / f"step-{state.step:06d}"
     torch.save({"cpu": torch.get_rng_state(),
                 **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, tmp / "rng.pt")
     for name, src in (extra_files or {}).items():
@@ -117,6 +126,9 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
     """Restore model, optimizer and RNG in place; return the trainer state and the saved training config."""
     from cubelm.model.hf_io import load_state_dict
 
+    if (path / "dcp").is_dir():  # written by a distributed run: sharded, loadable on any world size
+        from cubelm.parallel.checkpoint import load_sharded_checkpoint
+        return load_sharded_checkpoint(path, model, optimizer)
     try:
         meta = json.loads((path / STATE_NAME).read_text())
         model_state = load_state_dict(path)

@@ -41,12 +41,14 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 class Trainer:
+    is_main = True  # the process that logs, writes metrics and exports (rank 0 in a distributed run)
+    can_sample = True
+
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
                  log=None):
         from cubelm.data.packed import PackedData
         from cubelm.data.tokenizer import load_tokenizer
-        from cubelm.model.config import preset
-        from cubelm.model.transformer import build_model
+        from cubelm.model.config import resolve_config
 
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -55,19 +57,14 @@ class Trainer:
         self.tokenizer_dir = self.data_dir / "tokenizer"
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         meta = data.meta
-        base = preset(cfg.preset)
+        base = resolve_config(cfg.preset)  # a preset name, or a config.json / model directory
         self.model_config = base.replace(
             vocab_size=int(meta["vocab_size"]), bos_token_id=meta.get("bos_token_id"),
             eos_token_id=meta.get("eos_token_id"), pad_token_id=meta.get("pad_token_id"),
             max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # fp32 master weights
-        if cfg.activation_checkpointing:
-            from cubelm.train.activation_checkpointing import apply_activation_checkpointing
-            apply_activation_checkpointing(self.model)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg)
+        self._setup_model()
         self.train_batches = WindowSampler(data.train, cfg.seq_len, mask=data.train_mask, seed=cfg.seed)
         self.val_batches = WindowSampler(data.val, cfg.seq_len, mask=data.val_mask, shuffle=False)
         self.token_bytes = token_byte_lengths(self.tokenizer, self.model_config.vocab_size).to(self.device)
@@ -76,17 +73,28 @@ class Trainer:
         if resume:
             self._resume()
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl",
-                                  truncate_after_step=self.state.step if resume else None)
+                                  truncate_after_step=self.state.step if resume else None) if self.is_main else None
+
+    def _setup_model(self) -> None:
+        """Set ``model`` (what holds the weights), ``forward`` (what to call) and ``optimizer``."""
+        from cubelm.model.transformer import build_model
+        cfg = self.cfg
+        self.model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # fp32 master weights
+        if cfg.activation_checkpointing:
+            from cubelm.train.activation_checkpointing import apply_activation_checkpointing
+            apply_activation_checkpointing(self.model)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg)
 
     def _resume(self) -> None:
-        removed = sweep_incomplete(self.ckpt_root)
+        removed = sweep_incomplete(self.ckpt_root) if self.is_main else []
         if removed:
             self.log(f"[cubelm] removed {len(removed)} incomplete checkpoint(s) left by a killed run")
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
             self.log(f"[cubelm] --resume: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
-        self.state, saved = load_checkpoint(ckpts[-1], self.model, self.optimizer)
+        self.state, saved = self._load(ckpts[-1])
         changed = {k: (saved[k], v) for k, v in self.cfg.to_dict().items()
                    if k in saved and saved[k] != v and k not in ("stop_after", "eval_interval", "sample_interval",
                                                                  "checkpoint_interval", "keep_last", "compile")}
@@ -94,6 +102,9 @@ class Trainer:
             raise CubelmError(f"--resume with a different config changes {changed} (saved, now); resume with "
                               f"the original settings or train into a new --out")
         self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
+
+    def _load(self, path: Path) -> tuple[TrainerState, dict]:
+        return load_checkpoint(path, self.model, self.optimizer)
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -151,12 +162,16 @@ class Trainer:
             is_best = True
         else:
             is_best = False
-        path = save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.cfg.to_dict(),
-                               extra_files=self._tokenizer_files())
-        if is_best:
+        path = self._write_checkpoint()
+        if is_best and self.is_main:
             mark_best(self.ckpt_root, self.state.step, eval_record["val_loss"])
-        prune(self.ckpt_root, self.cfg.keep_last)
+        if self.is_main:
+            prune(self.ckpt_root, self.cfg.keep_last)
         return path
+
+    def _write_checkpoint(self) -> Path:
+        return save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.cfg.to_dict(),
+                               extra_files=self._tokenizer_files())
 
     def _tokenizer_files(self) -> dict[str, Path]:
         return {p.name: p for p in self.tokenizer_dir.glob("*.json")}
@@ -167,7 +182,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, self.state.step + cfg.stop_after)
-        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not progress, file=sys.stderr,
+        bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (progress and self.is_main), file=sys.stderr,
                    unit="step", dynamic_ncols=True)
         t_last, tokens_since = time.perf_counter(), 0
         while self.state.step < end:
@@ -176,7 +191,7 @@ class Trainer:
             now = time.perf_counter()
             rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
-            self.metrics.write(rec)
+            self._write_metrics(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             step = self.state.step
@@ -184,28 +199,41 @@ class Trainer:
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 eval_rec = self.evaluate()
                 sample_every = cfg.sample_interval or cfg.eval_interval
-                if step % sample_every == 0 or step == cfg.max_steps:
+                if self.can_sample and (step % sample_every == 0 or step == cfg.max_steps):
                     eval_rec["sample"] = self.sample()
-                self.metrics.write(eval_rec)
-                bar.write(f"[cubelm] step {step}: val loss {eval_rec['val_loss']:.4f}, ppl {eval_rec['val_ppl']:.1f}, "
-                          f"bits/byte {eval_rec['val_bpb']:.4f}" + (f"\n{eval_rec['sample']}" if 'sample' in eval_rec
-                                                                   else ""))
+                self._write_metrics(eval_rec)
+                if self.is_main:
+                        bar.write(f"[cubelm] step {step}: val loss {eval_rec['val_loss']:.4f}, ppl "
+                              f"{eval_rec['val_ppl']:.1f}, bits/byte {eval_rec['val_bpb']:.4f}"
+                              + (f"\n{eval_rec['sample']}" if 'sample' in eval_rec else ""))
                 t_last = time.perf_counter()  # do not charge eval time to training throughput
             if step % cfg.checkpoint_interval == 0 or step == end:
                 self.save(eval_rec)
                 t_last = time.perf_counter()
         bar.close()
-        plot_curves(self.metrics.records(), self.out_dir / "curves.png")
+        if self.is_main:
+            plot_curves(self.metrics.records(), self.out_dir / "curves.png")
         return self.export() if self.state.step >= cfg.max_steps else self.ckpt_root
 
     def export(self, out: Path | None = None) -> Path:
         """The final model in HF format (weights + tokenizer), ready for ``cubelm generate`` and transformers."""
         from cubelm.model.hf_io import save_model
         out = out or self.out_dir / "model"
-        save_model(self.model, out, generation_config={"do_sample": True, "temperature": 0.8, "top_k": 50})
+        model = self._full_model()
+        if model is None:  # not the main rank of a distributed run: rank 0 writes
+            return out
+        save_model(model, out, generation_config={"do_sample": True, "temperature": 0.8, "top_k": 50})
         for name, src in self._tokenizer_files().items():
             shutil.copyfile(src, out / name)
         summary = {"step": self.state.step, "best_val_loss": self.state.best_val_loss,
                    "train_config": self.cfg.to_dict(), "data": str(self.data_dir)}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
         return out
+
+    def _full_model(self):
+        """The whole model as one plain ``CausalLM`` on this process, or None where another rank exports."""
+        return self.model
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
