@@ -92,7 +92,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, blo
     group = num_q_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # (B, Hkv, G, Tq, D): the G query heads that share one KV head sit next to each other.
-    q_grouped = q.view(batch, num_kv_heads, group, num_q, head_dim)
+    q_grouped = q.reshape(batch, num_kv_heads, group, num_q, head_dim)  # a view unless q is oddly strided
     out = torch.empty(batch, num_kv_heads, group, num_q, v.shape[-1], dtype=q.dtype, device=q.device)
     for q_start in range(0, num_q, block_q):
         q_end = min(q_start + block_q, num_q)
