@@ -4,7 +4,7 @@ The cache is two tensors per layer, ``(num_blocks * block_size, Hkv, D)``; token
 offset. A step's flat batch puts the single-token sequences (decodes) first, then prompt chunks. Each layer
 writes the step's new K/V with one ``index_copy_`` at ``slot_mapping``, then
 * decodes: gathers every decode sequence's context by a (S, max_len) slot index and runs one batched SDPA with a
-  length mask (GQA via ``enable_gqa``);
+  length mask (GQA by folding query-head groups into the query axis);
 * prompt chunks: per chunk, gathers its context (cached prefix + earlier chunks + itself) and runs causal SDPA
   with the chunk's queries offset to their absolute positions.
 The metadata is built once per step by the runner and shared by all layers.
@@ -55,11 +55,14 @@ class PagedAttention:
         parts = []
         if meta.num_decodes:
             S = meta.num_decodes
+            Hkv, D = kc.shape[1], kc.shape[2]
             kd = kc[meta.decode_slots].transpose(1, 2)  # (S, Hkv, max_len, D)
             vd = vc[meta.decode_slots].transpose(1, 2)
-            qd = q[:S].unsqueeze(2)  # (S, Hq, 1, D)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa)
-            parts.append(out.squeeze(2))  # (S, Hq, D)
+            # One query per sequence: fold each KV head's group of query heads into the query-length axis,
+            # (S, Hq, D) -> (S, Hkv, G, D), so GQA is a plain batched attention with no K/V repetition.
+            qd = q[:S].reshape(S, Hkv, -1, D)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
+            parts.append(out.reshape(S, -1, D))  # (S, Hq, D)
         for chunk in meta.prefills:
             qp = q[chunk.start:chunk.start + chunk.num_tokens].transpose(0, 1).unsqueeze(0)  # (1, Hq, T, D)
             kp = kc[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, C, D)

@@ -41,6 +41,12 @@ def causal_mask(num_queries: int, num_keys: int, sliding_window: int | None, dev
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of T queries over S >= T keys whose last T are the queries' own positions."""
     T, S = q.shape[1], k.shape[1]
+    if T == 1 and (sliding_window is None or S <= sliding_window):
+        # decode: fold each KV head's query-head group into the query axis, (B, 1, Hq, D) -> (B, Hkv, G, D),
+        # so GQA needs neither K/V repetition nor SDPA's enable_gqa path (slow for tiny queries on CPU)
+        B, _, Hq, D = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[2], -1, D), k.transpose(1, 2), v.transpose(1, 2))
+        return out.reshape(B, 1, Hq, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, D)
     gqa = q.shape[1] != k.shape[1]
     if T == S and (sliding_window is None or S <= sliding_window):
