@@ -42,6 +42,8 @@ VERBS: list[Verb] = [
          "cubelm.systems.commands:FlopsOptions:run_flops"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
          "cubelm.engine.commands:GenerateOptions:run_generate"),
+    Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
+         "cubelm.serve.commands:ServeOptions:run_serve"),
     Verb("train", "Train a model on packed data (AdamW, cosine schedule, checkpoints, exact --resume).",
          "cubelm.train.commands:TrainOptions:run_train"),
     Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",

@@ -1,0 +1,77 @@
+"""``cubelm serve``: the OpenAI-compatible HTTP server over the paged engine.
+
+    cubelm serve                                   # the default model on 127.0.0.1:8000
+    cubelm serve --model DIR --host 0.0.0.0 --port 8000 --api-key sk-1 --rate-limit-rpm 60
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from cubelm.cli import opt
+from cubelm.errors import CubelmError
+from cubelm.serve.ratelimit import STRATEGIES
+
+
+@dataclass(slots=True, kw_only=True)
+class ServeOptions:
+    model: str | None = opt(None, help="model directory (HF format); default: the default model in the model store")
+    served_model_name: str | None = opt(None, help="the model id clients send; default: the directory's name")
+    host: str = opt("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    port: int = opt(8000, help="TCP port")
+    api_key: list[str] = opt([], help="accepted API key (repeatable); also --api-key-file and $CUBELM_API_KEYS; "
+                                      "none configured = open server")
+    api_key_file: str | None = opt(None, help="file with one API key per line (# comments allowed)")
+    metrics_require_key: bool = opt(False, help="put /metrics behind the API key too")
+    rate_limit_strategy: str = opt("fixed-window", choices=STRATEGIES, help="rate-limit algorithm (§6.1.4)")
+    rate_limit_rpm: int | None = opt(None, help="requests per minute per API key (per IP without a key)")
+    rate_limit_tpm: int | None = opt(None, help="tokens per minute per key (prompt + n x max_tokens, charged "
+                                                "up front)")
+    rate_limit_burst_seconds: float = opt(60.0, help="token/leaky bucket capacity, in seconds of the rate")
+    rate_limit_storage: str = opt("memory://", help="rate-limit storage: memory:// or redis://HOST:PORT (shared "
+                                                    "by replicas)")
+    max_batch_delay_ms: float = opt(0.0, help="when idle, wait this long for more arrivals before the first step "
+                                              "(adaptive batching: latency for throughput)")
+    max_pending_requests: int = opt(512, help="requests in the engine at once (running + waiting); beyond it 503")
+    request_timeout: float = opt(600.0, help="wall-clock limit per request in seconds, then it is aborted; 0 = none")
+    shutdown_timeout: float = opt(30.0, help="on SIGTERM, how long in-flight requests may run before exit")
+    kv_cache_memory: str = opt("1GiB", help="KV-cache budget: bytes (2GiB) or a fraction of RAM (0.2)")
+    num_blocks: int | None = opt(None, help="KV-cache blocks (overrides --kv-cache-memory)")
+    max_num_seqs: int = opt(64, help="sequences in one batch at most")
+    max_model_len: int | None = opt(None, help="context length to serve; default: the model's")
+    log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
+    access_log: bool = opt(False, help="log every HTTP request")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise CubelmError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_pending_requests < 1:
+            raise CubelmError(f"--max-pending-requests must be >= 1, got {self.max_pending_requests}")
+        if self.max_batch_delay_ms < 0 or self.request_timeout < 0 or self.shutdown_timeout < 0:
+            raise CubelmError("--max-batch-delay-ms, --request-timeout and --shutdown-timeout must be >= 0")
+
+
+def run_serve(o: ServeOptions) -> int:
+    import uvicorn
+
+    from cubelm.engine.commands import resolve_model_dir
+    from cubelm.serve.app import ServerState, create_app
+    from cubelm.serve.server import DrainingServer
+
+    path = resolve_model_dir(o.model)
+    o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name)
+    state = ServerState(o)
+    if state.limiter is not None:
+        state.limiter.check_storage()
+    config = uvicorn.Config(create_app(state), host=o.host, port=o.port, log_level=o.log_level,
+                            access_log=o.access_log, timeout_graceful_shutdown=5, lifespan="on")
+    server = DrainingServer(config, state, o.shutdown_timeout)
+    auth = f"{len(state.keys._digests)} API key(s)" if state.keys.enabled else "no API key (open)"
+    print(f"[cubelm] serving {path} as '{o.served_model_name}' on http://{o.host}:{o.port}/v1 ({auth}); "
+          f"docs at /docs", file=sys.stderr, flush=True)
+    server.run()
+    if state.load_error is not None:
+        raise CubelmError(f"could not load the model from {path}: {state.load_error}")
+    return 0

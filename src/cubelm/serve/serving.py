@@ -1,0 +1,256 @@
+"""From a validated OpenAI request to engine requests and back: admission, deadlines, responses and streams.
+
+One API request becomes one engine request per prompt (each with ``n`` sequences); choice ``i`` of prompt ``p`` is
+OpenAI choice ``p * n + i``. Admission happens before any byte of the response is sent, so every refusal (bad
+input 400, context overflow 400, rate limit 429, full queue 503) is a proper HTTP status, also for ``stream=true``.
+A request that leaves early (client gone, deadline passed, server error) aborts its engine requests, which frees
+their KV blocks at the engine's next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cubelm.engine.async_engine import QueueFull
+from cubelm.serve.protocol import APIError, error_body, now_s, usage
+from cubelm.serve.streaming import DONE, ChoiceDeltas, sse
+
+
+@dataclass(slots=True, kw_only=True)
+class Job:
+    chat: bool
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: object  # SamplingParams
+    stream: bool
+    include_usage: bool
+    received: float  # time.monotonic() when the server got the request
+    deadline: float | None
+    created: int = field(default_factory=now_s)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+class EngineRequest:
+    """One submitted engine request; iterating ``outputs`` yields cumulative ``RequestOutput``s."""
+
+    def __init__(self, llm, prompt_ids: list[int], params, request_id: str, deadline: float | None,
+                 live: set | None = None):
+        self.llm, self.request_id, self.deadline = llm, request_id, deadline
+        self.done = False
+        self.queue = llm.submit(prompt_ids, params, request_id)  # raises QueueFull / ValueError synchronously
+        self.live = live if live is not None else set()
+        self.live.add(self)
+
+    async def outputs(self) -> AsyncIterator:
+        try:
+            while True:
+                timeout = None if self.deadline is None else self.deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except TimeoutError:
+                    raise DeadlineExceeded() from None
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self.done = True
+                    self.live.discard(self)
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.live.discard(self)
+        if not self.done:
+            self.done = True
+            self.llm.abort(self.request_id)
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with ``error`` (delivered to whoever iterates ``outputs``), e.g. at shutdown."""
+        self.abort()
+        self.queue.put_nowait(error)
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+def submit_all(llm, job: Job, live: set | None = None) -> list[EngineRequest]:
+    reqs = []
+    try:
+        for p, ids in enumerate(job.prompts):
+            reqs.append(EngineRequest(llm, ids, job.params, f"{job.request_id}-{p}", job.deadline, live))
+    except QueueFull as e:
+        _abort(reqs)
+        raise APIError(503, f"the server is at capacity ({e}); retry shortly", type="server_overloaded",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    except ValueError as e:
+        _abort(reqs)
+        raise APIError(400, str(e), param="prompt") from None
+    return reqs
+
+
+def _abort(reqs: list[EngineRequest]) -> None:
+    for r in reqs:
+        r.abort()
+
+
+async def merged(reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, object]]:
+    """(prompt index, output) from several engine requests, as they arrive."""
+    if len(reqs) == 1:
+        async for out in reqs[0].outputs():
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, r: EngineRequest) -> None:
+        try:
+            async for out in r.outputs():
+                q.put_nowait((p, out))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            q.put_nowait((p, e))
+
+    tasks = [asyncio.ensure_future(pump(p, r)) for p, r in enumerate(reqs)]
+    try:
+        remaining = len(reqs)
+        while remaining:
+            p, out = await q.get()
+            if isinstance(out, BaseException):
+                raise out
+            yield p, out
+            remaining -= out.finished
+    finally:
+        for t in tasks:
+            t.cancel()
+        _abort(reqs)
+
+
+def deadline_error(job: Job, timeout: float) -> APIError:
+    return APIError(504, f"request {job.request_id} exceeded the server's time limit of {timeout:g} s "
+                         f"(--request-timeout) and was aborted; lower max_tokens or retry later",
+                    type="timeout_error", code="request_timeout")
+
+
+class Responder:
+    """Builds OpenAI responses and chunks for one job."""
+
+    def __init__(self, job: Job, tokenizer, metrics, timeout: float | None):
+        self.job, self.tok, self.metrics, self.timeout = job, tokenizer, metrics, timeout
+        self.object = "chat.completion" if job.chat else "text_completion"
+
+    # ---- non-streaming --------------------------------------------------------------------------------------
+    async def collect(self, reqs: list[EngineRequest]) -> dict:
+        finals: dict[int, object] = {}
+        try:
+            async for p, out in merged(reqs):
+                if out.finished:
+                    finals[p] = out
+                    self.metrics.observe_finished(out, self.job.received, time.monotonic())
+        except DeadlineExceeded:
+            self.metrics.rejected("timeout")
+            raise deadline_error(self.job, self.timeout) from None
+        finally:
+            _abort(reqs)  # NOTE: explicit, so a cancelled (disconnected) request frees its blocks now, not at GC
+        choices, num_out = [], 0
+        for p in range(len(self.job.prompts)):
+            for c in finals[p].outputs:
+                num_out += len(c.token_ids)
+                choices.append(self._choice(p, c))
+        num_prompt = sum(len(ids) for ids in self.job.prompts)
+        return {"id": self.job.request_id, "object": self.object, "created": self.job.created,
+                "model": self.job.model, "choices": choices, "usage": usage(num_prompt, num_out)}
+
+    def _choice(self, p: int, c) -> dict:
+        index = p * self.job.params.n + c.index
+        reason = _finish_reason(c)
+        lps = self._logprobs(c.logprobs or [], 0) if c.logprobs is not None else None
+        if self.job.chat:
+            return {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": lps,
+                    "finish_reason": reason}
+        return {"index": index, "text": c.text, "logprobs": lps, "finish_reason": reason}
+
+    # ---- streaming ------------------------------------------------------------------------------------------
+    async def stream(self, reqs: list[EngineRequest]) -> AsyncIterator[str]:
+        job = self.job
+        deltas = ChoiceDeltas(job.num_choices)
+        num_out = 0
+        try:
+            if job.chat:
+                for i in range(job.num_choices):
+                    yield sse(self._chunk(i, {"role": "assistant", "content": ""}))
+            async for p, out in merged(reqs):
+                for c in out.outputs:
+                    i = p * job.params.n + c.index
+                    text, lps, finished = deltas.advance(i, c)
+                    if text or lps:
+                        yield sse(self._chunk(i, text, lps=lps, offset=deltas.text_len[i] - len(text)))
+                    if finished:
+                        num_out += len(c.token_ids)
+                        yield sse(self._chunk(i, None, finish_reason=_finish_reason(c)))
+                if out.finished:
+                    self.metrics.observe_finished(out, job.received, time.monotonic())
+            if job.include_usage:
+                yield sse({**self._envelope(), "choices": [],
+                           "usage": usage(sum(len(ids) for ids in job.prompts), num_out)})
+        except DeadlineExceeded:
+            self.metrics.rejected("timeout")
+            e = deadline_error(job, self.timeout)
+            yield sse(error_body(e.message, e.type, code=e.code))
+        except APIError as e:
+            yield sse(e.body())
+        except Exception as e:  # noqa: BLE001 - the headers are sent; tell the client in-band
+            yield sse(error_body(f"generation failed: {e}", "server_error"))
+        finally:
+            _abort(reqs)  # NOTE: explicit, so a closed stream frees its blocks now, not at garbage collection
+        yield DONE
+
+    def _envelope(self) -> dict:
+        obj = "chat.completion.chunk" if self.job.chat else "text_completion"
+        return {"id": self.job.request_id, "object": obj, "created": self.job.created, "model": self.job.model}
+
+    def _chunk(self, index: int, content, *, lps=None, offset: int = 0, finish_reason=None) -> dict:
+        """``content`` is a text delta, a role dict (chat's first chunk) or None (the finish chunk)."""
+        logprobs = self._logprobs(lps, offset) if lps else None
+        if self.job.chat:
+            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": content or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        chunk = {**self._envelope(), "choices": [choice]}
+        if self.job.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    # ---- logprobs -------------------------------------------------------------------------------------------
+    def _logprobs(self, lps: list, offset: int) -> dict:
+        decode = self._token_text
+        if self.job.chat:
+            return {"content": [
+                {"token": decode(lp.token_id), "logprob": lp.logprob, "bytes": list(decode(lp.token_id).encode()),
+                 "top_logprobs": [{"token": decode(t), "logprob": v, "bytes": list(decode(t).encode())}
+                                  for t, v in lp.top.items()]} for lp in lps]}
+        tokens = [decode(lp.token_id) for lp in lps]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{decode(t): v for t, v in lp.top.items()} for lp in lps], "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+
+def _finish_reason(c) -> str:
+    if c.finish_reason == "abort":
+        raise APIError(503, "the request was aborted by the server (shutting down); retry", type="server_error",
+                       code="aborted")
+    return c.finish_reason
