@@ -18,6 +18,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0  # for unseeded sampling
+    decode_layout: bool = True  # blocked weight layout for fast CPU decode (cubelm.engine.decode_layout)
     compile_decode: bool = False  # torch.compile the model forward (dynamic shapes; a cold compile takes 15-60 s)
     speculative: "SpeculativeConfig | None" = None  # cubelm.engine.speculative
 

@@ -46,10 +46,15 @@ class Request:
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, log=None, draft_model=None):
         self.config = config = config or EngineConfig()
-        self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.pool = plan_pool(cfg, config, next(model.parameters()), self.max_model_len)
+        if config.decode_layout:  # NOTE: in place: the engine owns the model it is given (inference only from now)
+            from cubelm.engine.decode_layout import apply_decode_layout
+            apply_decode_layout(model)
+            if draft_model is not None:
+                apply_decode_layout(draft_model)
+        self.model, self.tokenizer = model.eval(), tokenizer
         (log or _stderr)(self.pool.describe())
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
@@ -73,6 +78,9 @@ class LLMEngine:
             from cubelm.model.hf_io import load_model
             param = next(self.model.parameters())
             draft_model = load_model(spec.draft_model, device=param.device, dtype=param.dtype)
+            if self.config.decode_layout:
+                from cubelm.engine.decode_layout import apply_decode_layout
+                apply_decode_layout(draft_model)
         return DraftProposer(draft_model.eval(), self.model.config, self.pool.num_blocks, self.config.block_size,
                              self.generator)
 
