@@ -24,8 +24,11 @@ def measure(schedule: str, microbatches: int, hidden: int, steps: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "cubelm.parallel.pipeline_timing", "--schedule", schedule, "--microbatches", str(microbatches),
                "--hidden-size", str(hidden), "--steps", str(steps), "--json", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return json.loads(out.read_text())
+        for attempt in range(3):  # a rendezvous on a shared machine occasionally fails to start: retry
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                return json.loads(out.read_text())
+        raise SystemExit(f"torchrun failed 3 times; last stderr:\n{r.stderr[-3000:]}")
 
 
 def main() -> None:
