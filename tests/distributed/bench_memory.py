@@ -1,6 +1,6 @@
 """Measured peak RSS of real ranks vs ``cubelm.systems.memory.per_rank_memory`` (not a test: a benchmark).
 
-    python tests/distributed/bench_memory.py --data DIR --out docs/benchmarks-distributed.md
+    python tests/distributed/bench_memory.py --data DIR --out /tmp/bench-distributed.md  (then paste into docs/benchmarks.md)
 
 Each layout runs in its own torchrun launch (peak RSS only grows within a process). A rank records its RSS after
 importing torch and joining the process group (the baseline: interpreter, torch, gloo), trains 3 steps, and
@@ -111,7 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rank-main", action="store_true")
     p.add_argument("--data", required=True)
-    p.add_argument("--out", default="docs/benchmarks-distributed.md")
+    p.add_argument("--out", default="bench-distributed.md")
     p.add_argument("--config")
     p.add_argument("--workdir")
     p.add_argument("--parallel", default="{}")
