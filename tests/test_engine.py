@@ -40,8 +40,9 @@ def prompts(count=10, seed=0, lo=3, hi=60):
             for _ in range(count)]
 
 
-def run(model, ps, params, **cfg):
-    engine = LLMEngine(model, None, EngineConfig(**{"num_blocks": 256, "block_size": 4, **cfg}), log=lambda m: None)
+def run(model, ps, params, *, draft=None, **cfg):
+    engine = LLMEngine(model, None, EngineConfig(**{"num_blocks": 256, "block_size": 4, **cfg}), log=lambda m: None,
+                       draft_model=draft)
     params = params if isinstance(params, list) else [params] * len(ps)
     for i, (p, sp) in enumerate(zip(ps, params)):
         engine.add_request(str(i), p, sp)
@@ -175,17 +176,7 @@ def draft_model(tmp_path_factory):
 
 def run_spec(model, ps, params, spec, draft=None, **cfg):
     from cubelm.engine.speculative import SpeculativeConfig
-    config = EngineConfig(**{"num_blocks": 256, "block_size": 4, **cfg}, speculative=SpeculativeConfig(**spec))
-    engine = LLMEngine(model, None, config, log=lambda m: None, draft_model=draft)
-    for i, p in enumerate(ps):
-        engine.add_request(str(i), p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    engine.block_manager.check_whole()
-    return [done[str(i)] for i in range(len(ps))], engine
+    return run(model, ps, params, draft=draft, speculative=SpeculativeConfig(**spec), **cfg)
 
 
 def test_speculative_greedy_is_exact(model, draft_model):
