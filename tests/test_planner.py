@@ -12,8 +12,9 @@ import pytest
 from cubelm.errors import CubelmError
 from cubelm.model.config import ModelConfig, preset
 from cubelm.systems.memory import (activation_bytes, dtype_bytes, kv_cache_bytes, kv_cache_bytes_per_token,
-                                   lora_params, nf4_base_bytes, parse_bytes, plan_kv_pool, plan_memory,
-                                   training_states, weight_bytes)
+                                   lora_params, nf4_base_bytes, parse_bytes, plan_kv_pool, training_states,
+                                   weight_bytes)
+from cubelm.systems.plan import plan_memory
 
 LLAMA2_7B_PARAMS = 6_738_415_616
 

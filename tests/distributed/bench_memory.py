@@ -55,7 +55,7 @@ def rank_main(args) -> None:
 
 def predict(nproc: int, par: dict):
     from cubelm.model.config import ModelConfig
-    from cubelm.systems.memory import ParallelLayout, per_rank_memory
+    from cubelm.systems.parallel_memory import ParallelLayout, per_rank_memory
     tp, pp = par.get("tp", 1), par.get("pp", 1)
     layout = ParallelLayout(dp=nproc // (tp * pp), dp_mode=par.get("dp_mode", "fsdp"), tp=tp, pp=pp,
                             schedule=par.get("schedule", "1f1b"), microbatches=par.get("microbatches", 1))

@@ -8,7 +8,7 @@ import pytest
 
 from cubelm.errors import CubelmError
 from cubelm.model.config import preset
-from cubelm.systems.memory import ParallelLayout, per_rank_memory
+from cubelm.systems.parallel_memory import ParallelLayout, per_rank_memory
 
 
 def _rank(**layout):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cubelm.errors import CubelmError
+
+if TYPE_CHECKING:
+    from cubelm.engine.speculative import SpeculativeConfig
 
 
 @dataclass(slots=True, kw_only=True)

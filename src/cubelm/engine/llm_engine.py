@@ -24,7 +24,7 @@ from cubelm.engine.params import SamplingParams
 from cubelm.engine.runner import ModelRunner
 from cubelm.engine.sampler import sample_batch
 from cubelm.engine.scheduler import Scheduler
-from cubelm.engine.sequence import Sequence, Status
+from cubelm.engine.sequence import Sequence
 from cubelm.errors import CubelmError
 
 

@@ -17,8 +17,9 @@ from cubelm.cli import opt
 from cubelm.errors import CubelmError
 from cubelm.model.config import ModelConfig, param_count_str, resolve_config
 from cubelm.systems.flops import MatmulCost, matmul_cost, model_flops
-from cubelm.systems.memory import (MODES, PP_SCHEDULES, ParallelLayout, canonical_dtype, gib, parse_bytes,
-                                   per_rank_memory, plan_memory)
+from cubelm.systems.memory import MODES, canonical_dtype, gib, parse_bytes
+from cubelm.systems.plan import plan_memory
+from cubelm.systems.parallel_memory import PP_SCHEDULES, ParallelLayout, per_rank_memory
 
 
 def _check_positive(**values: int | None) -> None:

@@ -235,7 +235,7 @@ def _slot(op: Op, start: float, end: float) -> Slot:
 def closed_form(r: SimResult) -> ClosedForm | None:
     """The literature's bubble for this schedule, in our cost convention (B = backward for inputs, so the DeepSeek
     table's "B" (a full backward) is our B+W). ``fraction`` = bubble / (busy per device + bubble)."""
-    p, m, v, c = r.stages, r.microbatches, r.virtual_stages, r.costs
+    p, v, c = r.stages, r.virtual_stages, r.costs
     f, b, w = c.forward, c.backward_input, c.backward_weight
     busy = min(r.busy)  # NOTE: only DualPipe with --overlap-cost has unequal busy; its formula is the idlest device's
     name = r.schedule
