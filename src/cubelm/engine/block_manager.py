@@ -72,15 +72,22 @@ class BlockManager:
         self.prefix_hits += seq.num_cached_tokens
 
     def commit(self, seq: Sequence) -> None:
-        """Register the hashes of the sequence's blocks that became full (call after their K/V are written)."""
+        """Register the hashes of the sequence's blocks that became full (call after their K/V are written).
+
+        Incremental: ``seq.block_hashes`` caches the chain, so each step hashes only newly filled blocks."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
-        for i, (block_hash, tokens) in enumerate(self._chain(seq.token_ids, num_full)):
+        num_full, bs = seq.num_computed_tokens // self.block_size, self.block_size
+        del seq.block_hashes[num_full:]  # after a rollback (speculative decoding) or a preemption
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = hash((parent, tokens))
+            seq.block_hashes.append(parent)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None:
-                block.block_hash, block.token_ids = block_hash, tokens
-                self.hash_to_block.setdefault(block_hash, block.block_id)
+                block.block_hash, block.token_ids = parent, tokens
+                self.hash_to_block.setdefault(parent, block.block_id)
 
     # ---- allocation --------------------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -121,6 +128,7 @@ class BlockManager:
                 else:
                     self.free[block_id] = None
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
 
     def check_whole(self) -> None:
