@@ -36,33 +36,43 @@ class Verb:
 
 
 VERBS: list[Verb] = [
-    Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
-         "cubelm.systems.commands:PlanOptions:run_plan"),
-    Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
-         "cubelm.systems.commands:FlopsOptions:run_flops"),
-    Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
-         "cubelm.engine.commands:GenerateOptions:run_generate"),
-    Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
-         "cubelm.serve.commands:ServeOptions:run_serve"),
-    Verb("train", "Train a model on packed data (AdamW, cosine schedule, checkpoints, exact --resume).",
-         "cubelm.train.commands:TrainOptions:run_train"),
-    Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",
-         "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
-    Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
-         "cubelm.eval.commands:BpbOptions:run_bpb"),
-    Verb("model init", "Create a randomly initialized model directory from a preset (HF format).",
-         "cubelm.model.commands:InitOptions:run_init"),
-    Verb("model info", "Show a model directory's or preset's configuration and parameter count.",
-         "cubelm.model.commands:InfoOptions:run_info"),
+    # in lifecycle order: data -> tokenizer -> model -> training -> evaluation -> inference -> systems
     Verb("data prepare", "Read, clean (with a report), tokenize and pack a corpus into train/val token shards.",
          "cubelm.data.commands:PrepareOptions:run_prepare"),
     Verb("data info", "Check a packed data directory and show its token counts and statistics.",
          "cubelm.data.commands:InfoOptions:run_info"),
     Verb("tokenizer train", "Train a byte-level BPE tokenizer (HF format, chat template) and print its stats.",
          "cubelm.data.commands:TokenizerTrainOptions:run_tokenizer_train"),
+    Verb("model init", "Create a randomly initialized model directory from a preset (HF format).",
+         "cubelm.model.commands:InitOptions:run_init"),
+    Verb("model info", "Show a model directory's or preset's configuration and parameter count.",
+         "cubelm.model.commands:InfoOptions:run_info"),
+    Verb("train", "Train a model on packed data (AdamW, cosine schedule, checkpoints, exact --resume).",
+         "cubelm.train.commands:TrainOptions:run_train"),
+    Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",
+         "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
+    Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
+         "cubelm.eval.commands:BpbOptions:run_bpb"),
+    Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
+         "cubelm.engine.commands:GenerateOptions:run_generate"),
+    Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
+         "cubelm.serve.commands:ServeOptions:run_serve"),
+    Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
+         "cubelm.systems.commands:PlanOptions:run_plan"),
+    Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
+         "cubelm.systems.commands:FlopsOptions:run_flops"),
     Verb("pipeline simulate", "Simulate a pipeline schedule: device timelines, bubble fraction, in-flight activations.",
          "cubelm.systems.pipeline_commands:SimulateOptions:run_simulate"),
 ]
+
+
+_GROUPS = {
+    "data": "Corpus preparation: read, clean + dedup (report), tokenize, pack shards; inspect packed data.",
+    "tokenizer": "Train a byte-level BPE tokenizer (HF format, chat template).",
+    "model": "Create a random model from a preset, or show a model's config and size.",
+    "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
+    "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
+}
 
 
 def _resolve(target: str):
@@ -126,7 +136,8 @@ def build_parser(selected: Verb | None = None, *, all_verbs: bool = False) -> ar
         target_sub = sub
         if len(words) == 2:
             if words[0] not in groups:
-                gp = sub.add_parser(words[0], help=f"{words[0]} commands (see 'cubelm {words[0]} --help')")
+                gp = sub.add_parser(words[0], help=_GROUPS.get(words[0], f"{words[0]} commands"),
+                                    description=_GROUPS.get(words[0]))
                 groups[words[0]] = gp.add_subparsers(dest="subverb", metavar="VERB", required=True)
             target_sub = groups[words[0]]
         p = target_sub.add_parser(words[-1], help=verb.summary, description=verb.summary)
