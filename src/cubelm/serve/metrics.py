@@ -25,8 +25,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 _GAUGES = {"num_requests_running": "Requests in the running batch.",
            "num_requests_waiting": "Requests waiting to be scheduled.",
            "kv_cache_usage_perc": "Fraction of KV-cache blocks in use (0..1)."}
-_COUNTERS = {"prefix_cache_queries": "Prefix-cache block lookups.",
-             "prefix_cache_hits": "Prefix-cache block lookups that hit.",
+_COUNTERS = {"prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+             "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
              "num_preemptions": "Sequences preempted for lack of KV blocks.",
              "prompt_tokens": "Prompt tokens admitted.",
              "generation_tokens": "Tokens generated.",
