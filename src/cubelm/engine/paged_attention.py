@@ -3,11 +3,13 @@
 The cache is two tensors per layer, ``(num_blocks * block_size, Hkv, D)``; token slot = block_id * block_size +
 offset. A step's flat batch puts the single-token sequences (decodes) first, then prompt chunks. Each layer
 writes the step's new K/V with one ``index_copy_`` at ``slot_mapping``, then
-* decodes: gathers every decode sequence's context by a (S, max_len) slot index and runs one batched SDPA with a
-  length mask (GQA by folding query-head groups into the query axis);
+* decodes: gathers every decode sequence's context block by block (one ``index_select`` of whole blocks) and runs
+  one batched SDPA with a length mask (GQA by folding query-head groups into the query axis);
 * prompt chunks: per chunk, gathers its context (cached prefix + earlier chunks + itself) and runs causal SDPA
   with the chunk's queries offset to their absolute positions.
-The metadata is built once per step by the runner and shared by all layers.
+The metadata is built once per step by the runner and shared by all layers. Gathers write into buffers kept
+across layers and steps: a fresh tensor of tens of MB per gather costs more in page faults than the copy itself
+(measured: 20 ms vs 3 ms for 64 sequences x 768 tokens on ``base``).
 """
 
 from __future__ import annotations
@@ -31,16 +33,17 @@ class PrefillChunk:
 class PagedMetadata:
     slot_mapping: torch.Tensor  # (N,) where each new token's K/V goes
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # (S, max_len) context slots per decode sequence (padded)
+    decode_blocks: torch.Tensor | None = None  # (S * max_blocks,) block ids of each decode sequence (padded)
     decode_mask: torch.Tensor | None = None  # (S, 1, 1, max_len) True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 class PagedAttention:
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_heads: int,
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_heads: int, block_size: int,
                  sliding_window: int | None = None):
         self.k_cache, self.v_cache = k_cache, v_cache  # (L, num_slots, Hkv, D)
-        self.sliding_window = sliding_window
+        self.block_size, self.sliding_window = block_size, sliding_window
+        self._buffers: dict[str, torch.Tensor] = {}
         # a Python bool fixed at construction: derived from shapes, torch.compile(dynamic=True) would make it symbolic
         self.gqa = num_heads != k_cache.shape[2]
         self.meta: PagedMetadata | None = None
@@ -56,8 +59,8 @@ class PagedAttention:
         if meta.num_decodes:
             S = meta.num_decodes
             Hkv, D = kc.shape[1], kc.shape[2]
-            kd = kc[meta.decode_slots].transpose(1, 2)  # (S, Hkv, max_len, D)
-            vd = vc[meta.decode_slots].transpose(1, 2)
+            kd = self._gather_blocks("k", kc, meta.decode_blocks, S)  # (S, Hkv, max_len, D)
+            vd = self._gather_blocks("v", vc, meta.decode_blocks, S)
             # One query per sequence: fold each KV head's group of query heads into the query-length axis,
             # (S, Hq, D) -> (S, Hkv, G, D), so GQA is a plain batched attention with no K/V repetition.
             qd = q[:S].reshape(S, Hkv, -1, D)
@@ -65,8 +68,8 @@ class PagedAttention:
             parts.append(out.reshape(S, -1, D))  # (S, Hq, D)
         for chunk in meta.prefills:
             qp = q[chunk.start:chunk.start + chunk.num_tokens].transpose(0, 1).unsqueeze(0)  # (1, Hq, T, D)
-            kp = kc[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # (1, Hkv, C, D)
-            vp = vc[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+            kp = self._gather("kp", kc, chunk.context_slots).transpose(0, 1).unsqueeze(0)  # (1, Hkv, C, D)
+            vp = self._gather("vp", vc, chunk.context_slots).transpose(0, 1).unsqueeze(0)
             T, C = qp.shape[2], kp.shape[2]
             if T == C and self.sliding_window is None:
                 out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=T > 1, enable_gqa=gqa)
@@ -75,3 +78,30 @@ class PagedAttention:
                 out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
             parts.append(out[0].transpose(0, 1))  # (T, Hq, D)
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).unsqueeze(0)
+
+    def _buffer(self, name: str, rows: int, like: torch.Tensor, row_shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1:] != row_shape:
+            buf = torch.empty((max(rows, int(rows * 1.25)), *row_shape), dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:rows]
+
+    def _gather(self, name: str, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """cache (num_slots, Hkv, D)[slots] -> (len(slots), Hkv, D), into a reused buffer."""
+        if torch.compiler.is_compiling():
+            return cache[slots]
+        out = self._buffer(name, slots.shape[0], cache, tuple(cache.shape[1:]))
+        return torch.index_select(cache, 0, slots, out=out)
+
+    def _gather_blocks(self, name: str, cache: torch.Tensor, blocks: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """Whole blocks of every decode sequence -> (S, Hkv, max_blocks * block_size, D), a strided view.
+
+        NOTE: SDPA runs ~2x slower on this strided view than on a contiguous one, but copying to head-major first
+        costs as much as it saves (measured on 64 x 768-token contexts)."""
+        bs, Hkv, D = self.block_size, cache.shape[1], cache.shape[2]
+        by_block = cache.view(-1, bs, Hkv, D)
+        if torch.compiler.is_compiling():
+            return by_block[blocks].view(num_seqs, -1, Hkv, D).transpose(1, 2)
+        rows = self._buffer(name, blocks.shape[0], cache, (bs, Hkv, D))
+        rows = torch.index_select(by_block, 0, blocks, out=rows).view(num_seqs, -1, Hkv, D)
+        return rows.transpose(1, 2)

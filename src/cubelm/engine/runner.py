@@ -23,7 +23,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
         self.attn = PagedAttention(self.k_cache, self.v_cache, num_heads=cfg.num_attention_heads,
-                                   sliding_window=cfg.sliding_window)
+                                   block_size=block_size, sliding_window=cfg.sliding_window)
         # Decode-only steps can be compiled: dynamic=True because context lengths change every step, and the KV
         # write is an index_copy_ at tensor slots, so a new position is new data, not a new graph. Steps with
         # prompt chunks stay eager (their per-chunk Python loop would only fragment the graph).
@@ -55,7 +55,7 @@ class ModelRunner:
         meta = PagedMetadata(slot_mapping=torch.tensor(slots, device=self.device), num_decodes=len(decodes),
                              prefills=chunks)
         if decodes:
-            meta.decode_slots, meta.decode_mask = self._decode_index([seqs[i] for i in decodes],
+            meta.decode_blocks, meta.decode_mask = self._decode_index([seqs[i] for i in decodes],
                                                                      [starts[i] + 1 for i in decodes])
         as_tensor = lambda x: torch.tensor(x, device=self.device).unsqueeze(0)
         return as_tensor(ids), as_tensor(positions), meta, first
@@ -63,17 +63,15 @@ class ModelRunner:
     def _decode_index(self, seqs: list[Sequence], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size
         max_blocks = -(-max(lens) // bs)
-        tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
-                               for s in seqs], device=self.device)  # (S, max_blocks)
-        offsets = torch.arange(bs, device=self.device)
-        slots = (tables.unsqueeze(-1) * bs + offsets).flatten(1)  # (S, max_blocks * bs)
-        pos = torch.arange(slots.shape[1], device=self.device)
+        tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs]
+        blocks = torch.tensor(tables, device=self.device).flatten()  # (S * max_blocks,), padding = block 0
+        pos = torch.arange(max_blocks * bs, device=self.device)
         lens_t = torch.tensor(lens, device=self.device).unsqueeze(1)
         mask = pos < lens_t
         window = self.model.config.sliding_window
         if window is not None:
             mask &= pos > lens_t - 1 - window
-        return slots, mask[:, None, None, :]
+        return blocks, mask[:, None, None, :]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
