@@ -7,17 +7,9 @@ from cubelm import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from cubelm.data.tokenizer import TokenizerConfig, train_tokenizer
-    d = tmp_path_factory.mktemp("llm")
-    corpus = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n", "héllo wörld ✓ 日本語"] * 40
-    train_tokenizer(corpus, TokenizerConfig(vocab_size=320)).save(d / "tok")
-    r = subprocess.run([sys.executable, "-m", "cubelm", "model", "init", "--preset", "tiny", "--out", str(d / "m"),
-                        "--tokenizer", str(d / "tok")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return LLM(str(d / "m"), num_blocks=128, log=lambda m: None)
+    from helpers import make_tiny_model_dir
+    d = make_tiny_model_dir(tmp_path_factory.mktemp("llm"))
+    return LLM(str(d), num_blocks=128, log=lambda m: None)
 
 
 def test_generate_text_in_order_and_matches_token_ids(llm):

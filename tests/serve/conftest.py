@@ -44,14 +44,8 @@ def wait_ready(base: str, proc: subprocess.Popen | None = None, timeout: float =
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    from cubelm.data.tokenizer import TokenizerConfig, train_tokenizer
-    d = tmp_path_factory.mktemp("serve_model")
-    corpus = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n", "héllo wörld ✓ 日本語"] * 40
-    train_tokenizer(corpus, TokenizerConfig(vocab_size=320)).save(d / "tok")
-    r = subprocess.run([sys.executable, "-m", "cubelm", "model", "init", "--preset", "tiny", "--out", str(d / "m"),
-                        "--tokenizer", str(d / "tok")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return d / "m"
+    from helpers import make_tiny_model_dir
+    return make_tiny_model_dir(tmp_path_factory.mktemp("serve_model"))
 
 
 class ServeProcess:
