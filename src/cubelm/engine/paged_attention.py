@@ -3,8 +3,10 @@
 The cache is two tensors per layer, ``(num_blocks * block_size, Hkv, D)``; token slot = block_id * block_size +
 offset. A step's flat batch puts the single-token sequences (decodes) first, then prompt chunks. Each layer
 writes the step's new K/V with one ``index_copy_`` at ``slot_mapping``, then
-* decodes: gathers every decode sequence's context block by block (one ``index_select`` of whole blocks) and runs
-  one batched SDPA with a length mask (GQA by folding query-head groups into the query axis);
+* decodes: on CPU in fp32, a native kernel (``kernels/paged_decode.c``) reads each sequence's blocks straight from
+  the pool; otherwise (CUDA, other dtypes, no C compiler, inside torch.compile) the gather path: every decode
+  sequence's context is gathered block by block (one ``index_select`` of whole blocks) and one batched SDPA runs
+  with a length mask (GQA by folding query-head groups into the query axis);
 * prompt chunks: per chunk, gathers its context (cached prefix + earlier chunks + itself) and runs causal SDPA
   with the chunk's queries offset to their absolute positions.
 The metadata is built once per step by the runner and shared by all layers. Gathers write into buffers kept
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from cubelm.engine.kernels import paged_decode
 from cubelm.model.attention import causal_mask
 
 
@@ -33,20 +36,24 @@ class PrefillChunk:
 class PagedMetadata:
     slot_mapping: torch.Tensor  # (N,) where each new token's K/V goes
     num_decodes: int = 0
-    decode_blocks: torch.Tensor | None = None  # (S * max_blocks,) block ids of each decode sequence (padded)
-    decode_mask: torch.Tensor | None = None  # (S, 1, 1, max_len) True = attend
+    decode_tables: torch.Tensor | None = None  # (S, max_blocks) int64 block ids of each decode sequence (padded)
+    decode_lens: torch.Tensor | None = None  # (S,) int64 context length including the new token
+    decode_blocks: torch.Tensor | None = None  # gather path: (S * max_blocks,) = decode_tables.flatten()
+    decode_mask: torch.Tensor | None = None  # gather path: (S, 1, 1, max_len) True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 class PagedAttention:
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_heads: int, block_size: int,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, use_kernel: bool = True):
         self.k_cache, self.v_cache = k_cache, v_cache  # (L, num_slots, Hkv, D)
         self.block_size, self.sliding_window = block_size, sliding_window
         self._buffers: dict[str, torch.Tensor] = {}
         # a Python bool fixed at construction: derived from shapes, torch.compile(dynamic=True) would make it symbolic
         self.gqa = num_heads != k_cache.shape[2]
         self.meta: PagedMetadata | None = None
+        # decode rows read the pool directly in a native kernel when it can be built (CPU, fp32); else gather + SDPA
+        self.use_kernel = use_kernel and paged_decode.supports(k_cache)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
@@ -56,7 +63,11 @@ class PagedAttention:
         q = q[0]  # (N, Hq, D)
         gqa = self.gqa
         parts = []
-        if meta.num_decodes:
+        if meta.num_decodes and self.use_kernel and not torch.compiler.is_compiling():
+            S = meta.num_decodes
+            parts.append(paged_decode.paged_decode_attention(q[:S], kc, vc, meta.decode_tables, meta.decode_lens,
+                                                             self.block_size, self.sliding_window))
+        elif meta.num_decodes:
             S = meta.num_decodes
             Hkv, D = kc.shape[1], kc.shape[2]
             kd = self._gather_blocks("k", kc, meta.decode_blocks, S)  # (S, Hkv, max_len, D)

@@ -27,6 +27,7 @@ class ModelRunner:
         # Decode-only steps can be compiled: dynamic=True because context lengths change every step, and the KV
         # write is an index_copy_ at tensor slots, so a new position is new data, not a new graph. Steps with
         # prompt chunks stay eager (their per-chunk Python loop would only fragment the graph).
+        self.compiled = compile_model
         self.decode_hidden_states = (torch.compile(model.hidden_states, dynamic=True) if compile_model
                                      else model.hidden_states)
 
@@ -55,23 +56,28 @@ class ModelRunner:
         meta = PagedMetadata(slot_mapping=torch.tensor(slots, device=self.device), num_decodes=len(decodes),
                              prefills=chunks)
         if decodes:
-            meta.decode_blocks, meta.decode_mask = self._decode_index([seqs[i] for i in decodes],
-                                                                     [starts[i] + 1 for i in decodes])
+            self._decode_index(meta, [seqs[i] for i in decodes], [starts[i] + 1 for i in decodes])
         as_tensor = lambda x: torch.tensor(x, device=self.device).unsqueeze(0)
         return as_tensor(ids), as_tensor(positions), meta, first
 
-    def _decode_index(self, seqs: list[Sequence], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_index(self, meta: PagedMetadata, seqs: list[Sequence], lens: list[int]) -> None:
+        """Block tables (S, max_blocks) and lengths for the decode rows; the gather path also gets flat block ids
+        and a length mask (the kernel path reads the tables directly)."""
         bs = self.block_size
         max_blocks = -(-max(lens) // bs)
         tables = [s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks])) for s in seqs]
-        blocks = torch.tensor(tables, device=self.device).flatten()  # (S * max_blocks,), padding = block 0
+        meta.decode_tables = torch.tensor(tables, device=self.device)  # padding = block 0, never read
+        meta.decode_lens = torch.tensor(lens, device=self.device)
+        if self.attn.use_kernel and not self.compiled:
+            return
+        meta.decode_blocks = meta.decode_tables.flatten()
         pos = torch.arange(max_blocks * bs, device=self.device)
-        lens_t = torch.tensor(lens, device=self.device).unsqueeze(1)
+        lens_t = meta.decode_lens.unsqueeze(1)
         mask = pos < lens_t
         window = self.model.config.sliding_window
         if window is not None:
             mask &= pos > lens_t - 1 - window
-        return blocks, mask[:, None, None, :]
+        meta.decode_mask = mask[:, None, None, :]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
