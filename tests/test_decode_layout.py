@@ -6,21 +6,32 @@ import pytest
 import torch
 
 from cubelm.engine.decode_layout import BlockedLinear, FusedSlice, apply_decode_layout
+from cubelm.engine.kernels import skinny_gemm
 from cubelm.model.config import ModelConfig
 from cubelm.model.transformer import build_model
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.parametrize("block", [None, 8, 12, 96])
 @pytest.mark.parametrize("bias", [False, True])
-def test_same_logits_for_one_and_many_tokens(parts, bias):
+def test_same_logits_for_one_and_many_tokens(block, bias):
     cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                       num_key_value_heads=2, max_position_embeddings=64, attention_bias=bias, mlp_bias=bias)
     model = build_model(cfg, seed=0).eval()
-    blocked = apply_decode_layout(copy.deepcopy(model), parts=parts)
+    blocked = apply_decode_layout(copy.deepcopy(model), block=block)
     assert isinstance(blocked.lm_head, BlockedLinear)
     assert isinstance(blocked.model.layers[0].mlp.up_proj, FusedSlice)
-    for length in (1, 13):
+    for length in (1, 3, 5, 13):  # 2 and 6 rows: the kernel (4-row tiles + leftovers); 10, 26: the bmm
         ids = torch.randint(0, 96, (2, length), generator=torch.Generator().manual_seed(length))
         with torch.inference_mode():
             want, got = model(ids), blocked(ids)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not skinny_gemm.available(), reason="no C compiler: the kernel cannot be built")
+@pytest.mark.parametrize("rows", range(1, 10))
+@pytest.mark.parametrize("K,N,block", [(64, 256, 128), (48, 96, 96), (200, 3 * 70, 70), (33, 640, 64)])
+def test_skinny_gemm_matches_matmul(rows, K, N, block):
+    g = torch.Generator().manual_seed(rows * 7 + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
+    blocks = w.T.contiguous().view(K, N // block, block).permute(1, 0, 2).contiguous()
+    torch.testing.assert_close(skinny_gemm.skinny_gemm(x, blocks), x @ w.T, atol=1e-4, rtol=1e-5)

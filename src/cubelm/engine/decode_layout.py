@@ -1,47 +1,67 @@
 """Inference weight layout for memory-bound decode on CPU, applied to a built model from outside.
 
 Measured here (2 cores, MKL): a one-row GEMM (decode: ``x (1, k) @ W.T``) runs on ONE thread and streams the
-weights at ~13 GB/s with PyTorch's row-major ``(out, in)`` layout, ~20 GB/s with the transposed ``(in, out)``
-layout, and ~25-29 GB/s when the columns are split into P blocks and run as one batched matmul (MKL spreads the
-batch over its threads); a plain reduction reaches ~38 GB/s. ``apply_decode_layout`` replaces every ``nn.Linear``
-of the decoder layers and the output head with a ``BlockedLinear`` holding ``W`` as ``(P, in, out / P)``; outputs
-are the same numbers up to float summation order. Projections that read the same input (q/k/v, gate/up) are fused
-into one ``BlockedLinear`` shared by ``FusedSlice`` views: fewer, larger matmuls, which matters on small models where
-each call's fixed cost is a large part of a decode step. The engine applies it to its private model; the model you
-save or train is never touched (use it only on a model you will not train or export afterwards).
-"""
+weights at ~13 GB/s with PyTorch's row-major ``(out, in)`` layout, and MKL's GEMMs with 2-8 rows stream them at
+only 9-18 GB/s. ``apply_decode_layout`` replaces every ``nn.Linear`` of the decoder layers and the output head with
+a ``BlockedLinear`` holding ``W`` tile-major, ``(P, in, B)`` with B = 128 output columns per block: up to 8 rows
+run in a native kernel that streams each tile once (``kernels/skinny_gemm.c``: 50-57 GB/s for one row), more rows
+as one batched matmul over the blocks (which MKL spreads over its threads). Outputs are the same numbers up to
+float summation order. Projections that read the same input (q/k/v, gate/up) are fused into one ``BlockedLinear``
+shared by ``FusedSlice`` views: fewer, larger matmuls, which matters on small models where each call's fixed cost
+is a large part of a decode step. The engine applies it to its private model; the model you save or train is never
+touched (use it only on a model you will not train or export afterwards)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from cubelm.engine.kernels import skinny_gemm
+
+
+def _block_width(out_features: int) -> int:
+    for width in (128, 64):
+        if out_features % width == 0 and out_features > width:
+            return width
+    return out_features
+
 
 class BlockedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, parts: int):
+    """``y = x W^T + b`` with W stored tile-major, ``(P, in, B)``: block p = output columns p*B .. (p+1)*B.
+
+    Up to ``skinny_gemm.MAX_ROWS`` rows (decode) run in the native kernel, which streams each tile once and writes
+    the row-major output directly; more rows (prefill) run as one batched matmul over the P blocks, which MKL
+    spreads over its threads (B = 128 measured best for 16-256 rows, ~5% behind P = 2 at 1,024 rows)."""
+
+    def __init__(self, linear: nn.Linear, block: int | None = None):
         super().__init__()
         out_features, in_features = linear.weight.shape
-        self.in_features, self.out_features, self.parts = in_features, out_features, parts
+        block = block or _block_width(out_features)
+        if out_features % block:
+            raise ValueError(f"block width {block} must divide out_features {out_features}")
+        self.in_features, self.out_features, self.parts = in_features, out_features, out_features // block
         w = linear.weight.detach()
-        # (out, in) -> (in, out) -> (in, P, out/P) -> (P, in, out/P): block p holds output columns p*n/P..(p+1)*n/P
-        self.register_buffer("weight_blocks", w.T.contiguous().view(in_features, parts, out_features // parts)
+        # (out, in) -> (in, out) -> (in, P, B) -> (P, in, B)
+        self.register_buffer("weight_blocks", w.T.contiguous().view(in_features, self.parts, block)
                              .permute(1, 0, 2).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (P, M, out/P) without bias: block p = output columns p*out/P .. (p+1)*out/P."""
-        x2 = x.reshape(1, -1, self.in_features).expand(self.parts, -1, -1)  # (P, M, in), no copy
-        return torch.bmm(x2, self.weight_blocks)
+        self.use_kernel = w.device.type == "cpu" and w.dtype == torch.float32 and skinny_gemm.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.blocks(x).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= skinny_gemm.MAX_ROWS and self.use_kernel and not torch.compiler.is_compiling():
+            y = skinny_gemm.skinny_gemm(x2.contiguous(), self.weight_blocks).view(*lead, self.out_features)
+        else:
+            y = torch.bmm(x2.unsqueeze(0).expand(self.parts, -1, -1), self.weight_blocks)  # (P, M, B)
+            y = y.transpose(0, 1).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
 
 class _Fused:
     """One matmul for several projections of the same input; remembers the last input it saw (by identity)."""
 
-    def __init__(self, linears: list[nn.Linear], parts: int):
+    def __init__(self, linears: list[nn.Linear], block: int | None):
         fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears),
                           bias=linears[0].bias is not None, device=linears[0].weight.device,
                           dtype=linears[0].weight.dtype)
@@ -49,25 +69,14 @@ class _Fused:
             fused.weight.copy_(torch.cat([l.weight for l in linears]))
             if fused.bias is not None:
                 fused.bias.copy_(torch.cat([l.bias for l in linears]))
-        total = fused.out_features
-        self.linear = BlockedLinear(fused, parts if total % parts == 0 else 1)
+        self.linear = BlockedLinear(fused, block if block and fused.out_features % block == 0 else None)
         self.sizes = [l.out_features for l in linears]
-        # gate/up with P = 2 blocks: block i IS projection i, so each output is a contiguous block of the bmm
-        # result and the (M, P, out/P) -> (M, out) transpose copy is skipped (a 16 MB copy per layer per
-        # 1,024-token prefill step on `base`)
-        p = self.linear.parts
-        self.aligned = (fused.bias is None and len(set(self.sizes)) == 1 and p % len(self.sizes) == 0)
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._input:  # NOTE: the first of the projections called on a new input computes all of them
-            if self.aligned:
-                y, k, lead = self.linear.blocks(x), self.linear.parts // len(self.sizes), x.shape[:-1]
-                self._outputs = tuple(y[i * k:(i + 1) * k].transpose(0, 1).reshape(*lead, -1)
-                                      for i in range(len(self.sizes)))  # a view when k == 1
-            else:
-                self._outputs = torch.split(self.linear(x), self.sizes, dim=-1)
+            self._outputs = torch.split(self.linear(x), self.sizes, dim=-1)
             self._input = x
         out = self._outputs[index]
         if index == len(self.sizes) - 1:  # the last consumer: drop the references (no stale activations kept)
@@ -88,26 +97,24 @@ class FusedSlice(nn.Module):
         return self.fused.output(x, self.index)
 
 
-def _fuse(parent: nn.Module, names: list[str], parts: int) -> None:
+def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
     linears = [getattr(parent, n) for n in names]
     if not all(isinstance(l, nn.Linear) for l in linears) or len({l.bias is None for l in linears}) != 1:
         return
-    fused = _Fused(linears, parts)
+    fused = _Fused(linears, block)
     for i, n in enumerate(names):
         setattr(parent, n, FusedSlice(fused, i))
 
 
-def apply_decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
+def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module:
     """Fuse q/k/v and gate/up, then swap the remaining ``nn.Linear`` modules of the decoder and the head for
-    ``BlockedLinear`` (P = torch threads). Idempotent."""
-    parts = parts or max(1, torch.get_num_threads())
+    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64). Idempotent."""
     for layer in getattr(getattr(model, "model", None), "layers", []):
-        _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], parts)
-        _fuse(layer.mlp, ["gate_proj", "up_proj"], parts)
+        _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], block)
+        _fuse(layer.mlp, ["gate_proj", "up_proj"], block)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, linear in targets:
-        p = parts if linear.out_features % parts == 0 else 1
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, BlockedLinear(linear, p))
+        setattr(parent, attr, BlockedLinear(linear, block if block and linear.out_features % block == 0 else None))
     return model

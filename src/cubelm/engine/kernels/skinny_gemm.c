@@ -1,0 +1,70 @@
+/* y = x @ W for a few rows of x (M <= ~8): the weight-streaming GEMM of decode steps.
+ *
+ * Why a kernel: MKL runs GEMMs with a handful of rows far below the memory system's speed here. Measured on the
+ * base preset's shapes with the weights in DRAM: one row at 19-50 GB/s, four rows at 14-18 GB/s, where this
+ * kernel streams 50-57 GB/s (one row) and ~38 GB/s (four rows, where it becomes compute-bound). It reads the
+ * weights in the engine's tile-major layout, keeps an (MR x TILE) block of outputs in vector registers, reads
+ * each weight element once per group of MR rows, and splits the column tiles over the threads.
+ *
+ * Layouts (fp32, contiguous): x (M, K); W (P, K, Nb): block p holds output columns p*Nb .. (p+1)*Nb as a row-major
+ * (K, Nb) matrix (cubelm.engine.decode_layout.BlockedLinear); y (M, P*Nb) row-major.
+ * Sums run over k in order; results equal a dot product per output up to float rounding.
+ */
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#define TILE 64 /* four 16-float registers per row */
+#else
+#define TILE 32 /* four 8-float registers per row (AVX2) */
+#endif
+
+/* MR rows x TILE columns of a block whose rows are ldw floats apart; inlined with MR a literal. */
+static inline void tile_kernel(const float *restrict x, int64_t K, const float *restrict w, int64_t ldw,
+                               float *restrict y, int64_t ldy, const int MR) {
+    float acc[MR][TILE];
+    for (int m = 0; m < MR; m++)
+        for (int c = 0; c < TILE; c++) acc[m][c] = 0.f;
+    for (int64_t k = 0; k < K; k++) {
+        const float *wk = w + k * ldw;
+        for (int m = 0; m < MR; m++) {
+            const float xv = x[m * K + k];
+#pragma omp simd
+            for (int c = 0; c < TILE; c++) acc[m][c] += xv * wk[c];
+        }
+    }
+    for (int m = 0; m < MR; m++)
+        for (int c = 0; c < TILE; c++) y[m * ldy + c] = acc[m][c];
+}
+
+/* Columns left over when Nb is not a multiple of TILE: plain loops. */
+static void edge_kernel(const float *x, int64_t K, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t M,
+                        int64_t width) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < width; c++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += x[m * K + k] * w[k * ldw + c];
+            y[m * ldy + c] = acc;
+        }
+}
+
+int skinny_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K, int64_t P, int64_t Nb, int nthreads) {
+    const int64_t tiles = (Nb + TILE - 1) / TILE, N = P * Nb;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < P * tiles; t++) {
+        const int64_t p = t / tiles, c = (t % tiles) * TILE;
+        const float *w = W + p * K * Nb + c;
+        float *yt = y + p * Nb + c;
+        if (c + TILE > Nb) {
+            edge_kernel(x, K, w, Nb, yt, N, M, Nb - c);
+            continue;
+        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) tile_kernel(x + m * K, K, w, Nb, yt + m * N, N, 4);
+        switch (M - m) {
+            case 3: tile_kernel(x + m * K, K, w, Nb, yt + m * N, N, 3); break;
+            case 2: tile_kernel(x + m * K, K, w, Nb, yt + m * N, N, 2); break;
+            case 1: tile_kernel(x + m * K, K, w, Nb, yt + m * N, N, 1); break;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,33 @@
+"""Python side of ``skinny_gemm.c``: the few-row GEMM of decode steps over the blocked weight layout."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from cubelm.engine import kernels
+
+MAX_ROWS = 8  # above this MKL's batched GEMM is as fast or faster (measured on the base preset's shapes)
+_fn = None
+
+
+def available() -> bool:
+    global _fn
+    if _fn is None:
+        lib = kernels.load("skinny_gemm")
+        if lib is None:
+            return False
+        fn = lib.skinny_gemm
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _fn = fn
+    return True
+
+
+def skinny_gemm(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 contiguous, blocks (P, K, Nb) -> (M, P * Nb) = x @ W.T where W.T = blocks as columns."""
+    P, K, Nb = blocks.shape
+    y = torch.empty(x.shape[0], P * Nb, dtype=x.dtype, device=x.device)
+    _fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], K, P, Nb, torch.get_num_threads())
+    return y
