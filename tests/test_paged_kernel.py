@@ -118,3 +118,12 @@ def test_build_is_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_compile", lambda *a: pytest.fail("rebuilt a cached kernel"))
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.load("paged_decode") is not None
+
+
+def test_unwritable_cache_falls_back(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CUBELM_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    assert kernels.load("paged_decode") is None
+    assert "using the PyTorch path" in capsys.readouterr().err

@@ -77,7 +77,10 @@ def load(name: str) -> ctypes.CDLL | None:
         key = hashlib.sha256(src.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
         lib_path = cache_dir() / f"{name}-{key}.so"
         lib = None
-        error = None if lib_path.exists() else _compile(src, lib_path)
+        try:
+            error = None if lib_path.exists() else _compile(src, lib_path)
+        except OSError as exc:  # unwritable cache directory, compiler vanished mid-run, ...
+            error = f"cannot build into {lib_path.parent}: {exc}"
         if error is None:
             try:
                 lib = ctypes.CDLL(str(lib_path))
