@@ -90,3 +90,13 @@ def load(name: str) -> ctypes.CDLL | None:
             print(f"cubelm: kernel {name!r} unavailable, using the PyTorch path: {error}", file=sys.stderr)
         _loaded[name] = lib
         return lib
+
+
+def function(name: str, symbol: str, argtypes: list, restype=ctypes.c_int):
+    """``symbol`` of kernel ``name`` with its ctypes signature set, or None when the kernel is unavailable."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn

@@ -15,14 +15,9 @@ _fn = None
 def available() -> bool:
     global _fn
     if _fn is None:
-        lib = kernels.load("paged_decode")
-        if lib is None:
-            return False
-        fn = lib.paged_decode_attention
-        fn.argtypes = [_ptr] * 6 + [_i64] * 7 + [ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        _fn = fn
-    return True
+        _fn = kernels.function("paged_decode", "paged_decode_attention", [_ptr] * 6 + [_i64] * 7 +
+                               [ctypes.c_float, ctypes.c_int])
+    return _fn is not None
 
 
 def supports(q: torch.Tensor) -> bool:

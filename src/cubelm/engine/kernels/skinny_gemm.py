@@ -15,14 +15,9 @@ _fn = None
 def available() -> bool:
     global _fn
     if _fn is None:
-        lib = kernels.load("skinny_gemm")
-        if lib is None:
-            return False
-        fn = lib.skinny_gemm
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
-        _fn = fn
-    return True
+        _fn = kernels.function("skinny_gemm", "skinny_gemm", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 +
+                               [ctypes.c_int])
+    return _fn is not None
 
 
 def skinny_gemm(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
