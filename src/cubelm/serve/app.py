@@ -116,8 +116,12 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="cubelm-load", daemon=True).start()
+        loader = threading.Thread(target=state.load, name="cubelm-load", daemon=True)
+        loader.start()
         yield
+        # A SIGTERM while the model loads must wait for the load: the interpreter exiting under a thread that is
+        # inside torch's C++ code aborts the process ("terminate called without an active exception", exit 134).
+        await asyncio.to_thread(loader.join)
         state.close()
 
     app = FastAPI(title="cubelm", summary="OpenAI-compatible API for cubelm models", lifespan=lifespan)
