@@ -110,6 +110,28 @@ def test_tokens_per_minute(strategy, clock):
     assert e.value.status == 400 and "at most 100" in e.value.message
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_refused_on_tokens_spends_no_request(strategy, clock):
+    rl = limiter(strategy, clock, requests_per_minute=3, tokens_per_minute=100)
+    rl.admit("a", 100)
+    for _ in range(3):  # had these spent requests, the third would be refused on requests (1 + 2 of 3 used)
+        assert "for tokens" in refused(rl, "a", 50).message
+
+
+@pytest.mark.parametrize("kind", ["token", "leaky"])
+def test_in_memory_buckets_forget_idle_clients(kind):
+    from limits.storage import MemoryStorage
+
+    from cubelm.serve.buckets import _MIN_SWEEP, Bucket
+    b = Bucket(kind, MemoryStorage(), rate_per_s=1.0, capacity=10, prefix="t")
+    for i in range(_MIN_SWEEP - 1):
+        assert b.hit(f"c{i}", 1, now=0.0)[0]
+    assert len(b._states) == _MIN_SWEEP - 1  # all still spent: none may be forgotten yet
+    assert b.hit("late", 5, now=5.0)[0]  # 1023 buckets refilled / drained by now; "late" is not
+    assert set(b._states) == {"t:late"}
+    assert b.hit("late", 6, now=5.0) == (False, pytest.approx(1.0))  # its state was kept: 5 + 6 > 10
+
+
 def test_config_errors_are_clear():
     with pytest.raises(CubelmError, match="one of"):
         RateLimitConfig(strategy="lottery")
@@ -172,7 +194,11 @@ def test_redis_strategies_match_memory(strategy, redis_url, clock):
     if strategy in ("token-bucket", "leaky-bucket"):
         assert e.headers["Retry-After"] == "12"
         clock.t += 12
+        budget = rl.budgets[0]
+        for _ in range(3):  # looking does not spend
+            assert budget.hit(client, 1, commit=False)[0]
         spend(rl, client, 1)
+        refused(rl, client)
 
 
 def test_two_servers_share_one_redis_budget(redis_url, serve_process):

@@ -75,17 +75,18 @@ class Budget:
             self.item = RateLimitItemPerMinute(per_minute, namespace="cubelm")
             self.capacity = per_minute
 
-    def hit(self, key: str, cost: int) -> tuple[bool, float]:
-        """(allowed, wait): the delay before serving when allowed, the Retry-After when refused."""
+    def hit(self, key: str, cost: int, *, commit: bool = True) -> tuple[bool, float]:
+        """(allowed, wait): the delay before serving when allowed, the Retry-After when refused. With
+        ``commit=False`` nothing is spent."""
         if cost > self.capacity:
             raise APIError(400, f"this request needs {cost} {self.name} but the rate limit allows at most "
                                 f"{self.capacity} at once; ask for fewer (lower max_tokens or n)",
                            param="max_tokens" if self.name == "tokens" else None, code="request_too_large")
         if self.strategy in ("token-bucket", "leaky-bucket"):
-            return self.bucket.hit(key, cost, self.clock())
+            return self.bucket.hit(key, cost, self.clock(), commit=commit)
         # test first: a refused fixed-window hit would otherwise still be counted against the window
-        if self.limiter.test(self.item, self.name, key, cost=cost) and self.limiter.hit(self.item, self.name, key,
-                                                                                          cost=cost):
+        if self.limiter.test(self.item, self.name, key, cost=cost) and (
+                not commit or self.limiter.hit(self.item, self.name, key, cost=cost)):
             return True, 0.0
         reset = self.limiter.get_window_stats(self.item, self.name, key).reset_time
         # NOTE: the sliding log's edge is exclusive: at exactly ``reset`` the oldest hit still counts
@@ -113,15 +114,23 @@ class RateLimiter:
                               f"memory://")
 
     def admit(self, client: str, num_tokens: int) -> float:
-        """Charge one request and ``num_tokens``; the delay to wait before serving, or a 429 ``APIError``."""
-        delay = 0.0
-        for budget in self.budgets:
-            ok, wait = budget.hit(client, 1 if budget.name == "requests" else num_tokens)
-            if not ok:
-                retry = max(1, math.ceil(wait))
-                raise APIError(429, f"rate limit reached for {budget.name} per minute ({budget.per_minute}, "
-                                    f"{self.config.strategy}); retry after {retry} s",
-                               type="rate_limit_error", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(retry)})
-            delay = max(delay, wait)
+        """Charge one request and ``num_tokens``; the delay to wait before serving, or a 429 ``APIError``.
+
+        Every budget is checked before any is spent, so a request refused on tokens has not used up a request.
+        (Two replicas racing between the check and the spend can still charge one budget of a refused request.)
+        """
+        costs = [(b, 1 if b.name == "requests" else num_tokens) for b in self.budgets]
+        for commit in (False, True):
+            delay = 0.0
+            for budget, cost in costs:
+                ok, wait = budget.hit(client, cost, commit=commit)
+                if not ok:
+                    raise self._refusal(budget, wait)
+                delay = max(delay, wait)
         return delay
+
+    def _refusal(self, budget: Budget, wait: float) -> APIError:
+        retry = max(1, math.ceil(wait))
+        return APIError(429, f"rate limit reached for {budget.name} per minute ({budget.per_minute}, "
+                             f"{self.config.strategy}); retry after {retry} s",
+                        type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
