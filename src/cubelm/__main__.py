@@ -1,5 +1,5 @@
 """``python -m cubelm`` is the same as the ``cubelm`` console script."""
 
-from cubelm.cli import main
+from cubelm.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -176,5 +176,16 @@ def _defaults(cls) -> set[str]:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
+def entry() -> typing.NoReturn:
+    """The console script and ``python -m cubelm``: ``main``, then the exit a torchrun rank needs (see
+    ``cubelm.parallel.mesh.exit_rank``)."""
+    code = main()
+    dist = sys.modules.get("torch.distributed")  # imported only by the verbs that can join a group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from cubelm.parallel.mesh import exit_rank
+        exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -50,7 +50,8 @@ def rank_main(args) -> None:
     dist.all_gather_object(out, {"rank": dist.get_rank(), "baseline": baseline, "peak": peak})
     if dist.get_rank() == 0:
         Path(args.result).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    from cubelm.parallel.mesh import exit_rank
+    exit_rank(0)
 
 
 def predict(nproc: int, par: dict):

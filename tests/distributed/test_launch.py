@@ -56,6 +56,26 @@ def test_hung_rank_fails_after_the_collective_timeout(dist_data, tiny_config, tm
     assert seconds < 40
 
 
+def test_exit_rank_leaves_the_group_flushes_and_keeps_the_code(tmp_path):
+    """A rank ends through ``exit_rank``: no interpreter finalization (see its docstring), but buffered output
+    is still written, the process group is gone and the exit code is the one given."""
+    script = f"""
+import atexit, sys
+import torch, torch.distributed as dist
+from cubelm.parallel.mesh import exit_rank
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+t = torch.ones(3)
+dist.all_reduce(t)
+dist.barrier()
+atexit.register(lambda: print("finalized"))
+sys.stdout.write("done " + str(int(t.sum())))  # no newline, no flush: exit_rank must flush it
+exit_rank(7)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 7, r.stderr[-2000:]
+    assert r.stdout == "done 3"  # written, and the atexit handler (finalization) never ran
+
+
 def test_parallel_config_errors():
     from cubelm.parallel.config import ParallelConfig
     with pytest.raises(CubelmError, match="virtual-stages 2"):

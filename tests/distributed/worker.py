@@ -21,6 +21,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from cubelm.parallel.mesh import exit_rank
+
 
 def run_train(task: dict) -> dict:
     from cubelm.parallel.config import ParallelConfig
@@ -89,7 +91,7 @@ def main(tasks_path: str, results_path: str) -> None:
         dist.barrier()
         if dist.get_rank() == 0:
             _append(results_path, {"name": task["name"], "seconds": time.perf_counter() - t0, **result})
-    dist.destroy_process_group()
+    exit_rank(0)  # not a plain return: see its docstring (a finalizing interpreter can abort a finished rank)
 
 
 def _append(path: str, record: dict) -> None:

@@ -14,7 +14,6 @@ same ``PipelineTiming`` (per-rank busy / idle seconds, mean F and B per micro-ba
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -130,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             open(a.json, "w").write(text)
         print(text if not a.json else f"idle fraction {t.idle_fraction:.3f}; wrote {a.json}")
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cubelm.parallel.mesh import exit_rank
+    exit_rank(main())
