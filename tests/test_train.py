@@ -147,3 +147,20 @@ def test_resume_with_changed_config_is_refused(data_dir, uninterrupted, tmp_path
     shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
     with pytest.raises(CubelmError, match="different config"):
         Trainer(TrainConfig(**{**SMALL, "lr": 5e-3}), data_dir, tmp_path, resume=True, log=lambda m: None)
+
+
+def test_lm_loss_mean_matches_cross_entropy_and_an_all_prompt_batch_is_zero():
+    import torch.nn.functional as F
+
+    from cubelm.train.batches import IGNORE_INDEX
+    from cubelm.train.loop import lm_loss
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    y[0, :3] = IGNORE_INDEX
+    want = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(lm_loss(logits, y), want)
+    masked = torch.full_like(y, IGNORE_INDEX)  # a window that is all prompt: F.cross_entropy gives NaN here
+    loss = lm_loss(logits, masked)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)

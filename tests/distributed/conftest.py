@@ -37,6 +37,27 @@ def dist_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dist_instruct_data(tmp_path_factory, dist_data) -> Path:
+    """Instruct examples (docstring -> source) from the stdlib ``json`` package: the loss covers only response
+    tokens, so data-parallel ranks hold different numbers of target tokens."""
+    from cubelm.data.clean import CleanConfig
+    from cubelm.data.prepare import PrepareConfig, prepare
+    from cubelm.data.sources import resolve_source
+    from cubelm.data.stdlib_instruct import examples_from_source
+    from cubelm.data.tokenizer import TokenizerConfig
+    root = tmp_path_factory.mktemp("dist-instruct")
+    examples = [ex for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))
+                for _, ex in examples_from_source(f.read_text())]
+    jsonl = root / "examples.jsonl"
+    jsonl.write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output}) + "\n"
+                             for e in examples))
+    prepare(resolve_source(str(jsonl), instruct=True), root / "data",
+            PrepareConfig(clean=CleanConfig(), tokenizer=TokenizerConfig(vocab_size=300),
+                          tokenizer_dir=str(dist_data / "tokenizer"), val_fraction=0.2), log=lambda *a: None)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> str:
     """hidden 64, 4 layers, 4 query / 2 KV heads (GQA), untied: every parallelism applies."""
     from cubelm.model.config import ModelConfig

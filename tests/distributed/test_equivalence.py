@@ -18,6 +18,8 @@ SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb"
 TWO_RANK = {"ddp": dict(dp_mode="ddp"), "fsdp": dict(dp_mode="fsdp"), "tp": dict(tp=2),
             "tp-no-sp": dict(tp=2, sequence_parallel=False),
             **{f"pp-{s}": dict(pp=2, schedule=s, microbatches=4) for s in SCHEDULES}}
+MASKED = {"masked-ddp": dict(dp_mode="ddp"), "masked-fsdp": dict(dp_mode="fsdp"),
+          "masked-pp": dict(pp=2, schedule="1f1b", microbatches=4)}
 FOUR_RANK = {"fsdp2-x-tp2": dict(dp=2, tp=2), "pp2-x-fsdp2": dict(dp=2, pp=2, microbatches=2)}
 
 
@@ -30,6 +32,16 @@ def reference(dist_data, train_kw, tmp_path_factory):
     t.model.train()
     losses = [t.train_step()["loss"] for _ in range(STEPS)]
     return {"losses": losses, "state": {k: v.detach().clone() for k, v in t.model.state_dict().items()}}
+
+
+@pytest.fixture(scope="module")
+def masked_reference(dist_instruct_data, train_kw, tmp_path_factory):
+    """Single-process losses on instruct data, where only response tokens carry loss."""
+    from cubelm.train.config import TrainConfig
+    from cubelm.train.loop import Trainer
+    t = Trainer(TrainConfig(**train_kw), dist_instruct_data, tmp_path_factory.mktemp("mref"), log=lambda m: None)
+    t.model.train()
+    return [t.train_step()["loss"] for _ in range(STEPS)]
 
 
 def _train(name, parallel, data, out, **extra):
@@ -57,13 +69,14 @@ def tied_reference(dist_data, train_kw, tied_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(dist_data, train_kw, tied_config, tmp_path_factory):
+def two_ranks(dist_data, dist_instruct_data, train_kw, tied_config, tmp_path_factory):
     work = tmp_path_factory.mktemp("two")
     tasks = [{"name": "ch14", "kind": "ch14"}]
     tasks += [_train(n, p, dist_data, work / n, train=train_kw, steps=STEPS) for n, p in TWO_RANK.items()]
     tied = {**train_kw, "preset": tied_config}
     tasks += [_train(f"tied-{n}", {"tp": 2, "sequence_parallel": sp}, dist_data, work / f"tied-{n}", train=tied,
                      steps=STEPS) for n, sp in (("tp", True), ("tp-no-sp", False))]
+    tasks += [_train(n, p, dist_instruct_data, work / n, train=train_kw, steps=STEPS) for n, p in MASKED.items()]
     ck = work / "ckpt"
     tasks += [_train("fsdp-save", {"dp_mode": "fsdp"}, dist_data, ck, train=train_kw, steps=3, save=True),
               _train("fsdp-resume", {"dp_mode": "fsdp"}, dist_data, ck, train=train_kw, steps=2, resume=True,
@@ -98,6 +111,21 @@ def test_two_rank_losses_match_single_process(two_ranks, reference, name):
 @pytest.mark.parametrize("name", ["tp", "tp-no-sp"])
 def test_tied_embeddings_tp_matches_single_process(two_ranks, tied_reference, name):
     assert_losses_close(two_ranks[0][f"tied-{name}"]["losses"], tied_reference)
+
+
+@pytest.mark.parametrize("name", list(MASKED))
+def test_masked_data_losses_match_single_process(two_ranks, masked_reference, dist_instruct_data, train_kw, name):
+    """Each micro-batch's loss is the mean over all its response tokens, however they fall across the ranks."""
+    from cubelm.data.packed import PackedData
+    from cubelm.train.batches import IGNORE_INDEX, WindowSampler
+    data = PackedData(dist_instruct_data)
+    from cubelm.train.config import TrainConfig
+    sampler = WindowSampler(data.train, train_kw["seq_len"], mask=data.train_mask, seed=TrainConfig(**train_kw).seed)
+    B = train_kw["micro_batch_size"]
+    counts = [[int((sampler.batch(s * B, B // 2, rank=r, world=2)[1] != IGNORE_INDEX).sum()) for r in (0, 1)]
+              for s in range(STEPS)]
+    assert any(a != b for a, b in counts), counts  # otherwise averaging per-rank means would pass too
+    assert_losses_close(two_ranks[0][name]["losses"], masked_reference)
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANK))

@@ -29,8 +29,9 @@ from cubelm.train.optim import build_optimizer, lr_at, set_lr
 
 
 class PipelineLoss:
-    """The schedule's loss_fn: per micro-batch mean cross-entropy, scaled for gradient accumulation (the
-    schedule also divides gradients by the number of pipeline micro-batches). ``reduction="sum"`` for eval."""
+    """The schedule's loss_fn: per micro-batch cross-entropy times ``scale``. ``reduction="mean"`` for training on
+    unmasked data (the schedule divides gradients by the number of pipeline micro-batches, which averages the
+    means), ``"sum"`` for eval and for masked training, where ``scale`` carries the token weighting."""
 
     def __init__(self):
         self.scale, self.reduction = 1.0, "mean"
@@ -132,19 +133,39 @@ class ParallelTrainer(Trainer):
         return {"kind": "train", "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
 
     def _forward_backward(self, x, y, *, last: bool) -> torch.Tensor:
+        """One micro-step; returns this rank's share of the micro-batch loss (``_global_mean`` combines them)."""
         scale = 1.0 / self.cfg.grad_accum
+        weight = self._token_weight(y)
         if self.pc.pp > 1:
-            self.loss_fn.scale, self.loss_fn.reduction = scale, "mean"
+            if weight is None:
+                self.loss_fn.scale, self.loss_fn.reduction = scale, "mean"
+            else:  # the schedule divides by the number of pipeline micro-batches: multiply it back
+                self.loss_fn.scale, self.loss_fn.reduction = scale * weight * self.pc.microbatches, "sum"
             losses: list = []
             self._pipeline_step(self.schedule.step, x, y, losses)
-            return torch.stack(losses).mean().detach() / scale if losses else torch.zeros((), device=self.device)
+            if not losses:
+                return torch.zeros((), device=self.device)
+            return torch.stack(losses).mean().detach() / scale
         # DDP: all-reduce gradients only in the last micro-step's backward
         sync = self.forward.no_sync() if (not last and hasattr(self.forward, "no_sync")) else _null()
         with sync:
             with self._autocast():
-                loss = lm_loss(self.forward(x), y)
+                logits = self.forward(x)
+                loss = lm_loss(logits, y) if weight is None else lm_loss(logits, y, reduction="sum") * weight
             (loss * scale).backward()
         return loss.detach()
+
+    def _token_weight(self, y: torch.Tensor) -> float | None:
+        """For masked data (instruct sets), the factor that turns this rank's summed loss into its share of the
+        mean over the whole micro-batch's target tokens: ``dp / tokens in the micro-batch``. Data-parallel
+        averaging then gives exactly the single-process loss; averaging per-rank means would not, since ranks hold
+        different numbers of unmasked tokens. None for unmasked data, where every rank holds the same count."""
+        if getattr(self.train_batches, "mask", None) is None:
+            return None
+        count = (y != IGNORE_INDEX).sum().to(torch.float64)
+        if self.pc.dp > 1:
+            dist.all_reduce(count, group=self.mi.group("dp"))
+        return self.pc.dp / max(1.0, float(count))
 
     def _pipeline_step(self, fn, x, y, losses: list) -> None:
         args = (x,) if self.has_first else ()

@@ -20,9 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cubelm.errors import CubelmError
 from cubelm.serve.auth import KeyChecker, key_id, load_api_keys
+from cubelm.serve.errors import APIError, error_body
 from cubelm.serve.metrics import ServerMetrics
-from cubelm.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   TokenizeRequest, error_body, new_id, now_s)
+from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                   new_id, now_s)
 from cubelm.serve.ratelimit import RateLimitConfig, RateLimiter
 from cubelm.serve.serving import EngineRequest, Job, Responder, submit_all
 from cubelm.serve.streaming import SSEResponse, until_disconnect

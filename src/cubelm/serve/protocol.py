@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cubelm.engine.params import SamplingParams
-from cubelm.serve.errors import APIError, error_body  # noqa: F401 - re-exported
+from cubelm.serve.errors import APIError
 
 
 class StreamOptions(BaseModel):

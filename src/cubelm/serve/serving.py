@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cubelm.engine.async_engine import QueueFull
-from cubelm.serve.protocol import APIError, error_body, now_s, usage
+from cubelm.serve.errors import APIError, error_body
+from cubelm.serve.protocol import now_s, usage
 from cubelm.serve.streaming import DONE, ChoiceDeltas, sse
 
 

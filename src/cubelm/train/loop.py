@@ -28,9 +28,12 @@ from cubelm.train.optim import build_optimizer, lr_at, set_lr
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy in fp32 over (B, T, V) logits; targets == -100 are ignored (masked prompt tokens)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    """Cross-entropy in fp32 over (B, T, V) logits; targets == -100 are ignored (masked prompt tokens). The mean
+    of a batch without a single target token (a window that is all prompt) is 0 with zero gradients, not NaN."""
+    flat = targets.flatten()
+    loss = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=IGNORE_INDEX,
+                           reduction="sum" if reduction == "mean" else reduction)
+    return loss / (flat != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else loss
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
