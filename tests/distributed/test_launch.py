@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -16,9 +15,7 @@ def cubelm_train(data, out, preset, *extra, env=None, timeout=180):
     cmd = [sys.executable, "-m", "cubelm", "train", "--data", str(data), "--out", str(out), "--preset", preset,
            "--seq-len=32", "--micro-batch-size=8", "--max-steps=4", "--warmup-steps=1", "--eval-interval=2",
            "--checkpoint-interval=2", "--eval-batches=2", "--lr=1e-3", "--no-progress", *extra]
-    start = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
-    return r, time.monotonic() - start
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
 
 
 def _records(out):
@@ -26,9 +23,9 @@ def _records(out):
 
 
 def test_nproc_pipeline_run_matches_single_process(dist_data, tiny_config, tmp_path):
-    single, _ = cubelm_train(dist_data, tmp_path / "one", tiny_config)
+    single = cubelm_train(dist_data, tmp_path / "one", tiny_config)
     assert single.returncode == 0, single.stderr[-3000:]
-    multi, _ = cubelm_train(dist_data, tmp_path / "pp", tiny_config, "--nproc=2", "--pp=2",
+    multi = cubelm_train(dist_data, tmp_path / "pp", tiny_config, "--nproc=2", "--pp=2",
                             "--schedule=interleaved-1f1b")
     assert multi.returncode == 0, multi.stderr[-3000:]
     a, b = _records(tmp_path / "one"), _records(tmp_path / "pp")
@@ -41,19 +38,20 @@ def test_nproc_pipeline_run_matches_single_process(dist_data, tiny_config, tmp_p
 
 
 def test_dying_rank_fails_fast_naming_it(dist_data, tiny_config, tmp_path):
-    r, seconds = cubelm_train(dist_data, tmp_path, tiny_config, "--nproc=2", "--dist-timeout=60",
-                              env={"CUBELM_FAULT_KILL": "1:2"})
+    # the collective timeout is 10 minutes and the run may take 3 (cubelm_train's timeout): finishing at all
+    # means torchrun's agent noticed the death, not a collective timing out
+    r = cubelm_train(dist_data, tmp_path, tiny_config, "--nproc=2", "--dist-timeout=600",
+                        env={"CUBELM_FAULT_KILL": "1:2"})
     assert r.returncode == 2
     assert "cubelm: error: rank 1 of 2 failed first (killed by SIGKILL)" in r.stderr
-    assert seconds < 40  # far below the 60 s collective timeout: torchrun's agent noticed the death
+    assert "Timed out" not in r.stderr
 
 
 def test_hung_rank_fails_after_the_collective_timeout(dist_data, tiny_config, tmp_path):
-    r, seconds = cubelm_train(dist_data, tmp_path, tiny_config, "--nproc=2", "--dist-timeout=4",
-                              env={"CUBELM_FAULT_HANG": "1:2"})
+    r = cubelm_train(dist_data, tmp_path, tiny_config, "--nproc=2", "--dist-timeout=4",
+                        env={"CUBELM_FAULT_HANG": "1:2"})
     assert r.returncode == 2
     assert "Timed out" in r.stderr and "cubelm: error: rank 0 of 2 failed first" in r.stderr
-    assert seconds < 40
 
 
 def test_exit_rank_leaves_the_group_flushes_and_keeps_the_code(tmp_path):
@@ -118,5 +116,5 @@ def test_stage_split_balanced_and_placed():
 
 
 def test_parallel_flags_without_processes_is_a_clear_error(dist_data, tiny_config, tmp_path):
-    r, _ = cubelm_train(dist_data, tmp_path, tiny_config, "--tp=2")
+    r = cubelm_train(dist_data, tmp_path, tiny_config, "--tp=2")
     assert r.returncode == 2 and "add --nproc N or run under torchrun" in r.stderr
