@@ -45,9 +45,9 @@ def engine_decode(model, prompt, new_tokens, compile_model=False) -> float:
 
 
 def reference_decode(model, prompt, new_tokens) -> float:
-    from cubelm.engine.reference import GenerationConfig, generate_tokens
-    it = generate_tokens(model, prompt, GenerationConfig(temperature=0, max_new_tokens=new_tokens + 1,
-                                                         ignore_eos=True))
+    from cubelm.engine.params import SamplingParams
+    from cubelm.engine.reference import generate_tokens
+    it = generate_tokens(model, prompt, SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True))
     next(it)  # prefill
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
@@ -60,10 +60,10 @@ def hf_decode(model_dir, prompt, new_tokens) -> float:
     ids = torch.tensor([prompt])
     with torch.no_grad():
         t0 = time.perf_counter()
-        hf.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1, pad_token_id=0)
+        hf.generate(ids, do_sample=False, max_tokens=1, min_new_tokens=1, pad_token_id=0)
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hf.generate(ids, do_sample=False, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
+        hf.generate(ids, do_sample=False, max_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
                     pad_token_id=0)
     return new_tokens / (time.perf_counter() - t0 - t_prefill)
 

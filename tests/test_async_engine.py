@@ -27,19 +27,22 @@ def test_stream_and_abort(engine):
 
     async def main():
         greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-        chunks = [out async for out in llm.generate([5, 6, 7, 8], greedy)]
-        assert chunks[-1].finished and len(chunks) >= 2
-        assert [len(c.outputs[0].token_ids) for c in chunks] == sorted(len(c.outputs[0].token_ids) for c in chunks)
+        finals = [out async for out in llm.generate([5, 6, 7, 8], greedy)]
+        assert len(finals) == 1 and finals[0].finished  # output_kind "final": one output, at the end
+        deltas = [out async for out in llm.generate([5, 6, 7, 8], SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, output_kind="delta"))]
+        assert deltas[-1].finished and len(deltas) >= 2 and all(d.outputs[0].token_ids for d in deltas)
+        assert [t for d in deltas for t in d.outputs[0].token_ids] == finals[0].outputs[0].token_ids
 
         async def consume_two():
             seen = 0
             async for _ in llm.generate([9, 10, 11], SamplingParams(temperature=0, max_tokens=200,
-                                                                    ignore_eos=True)):
+                                                                    ignore_eos=True, output_kind="delta")):
                 seen += 1
                 if seen == 2:
                     return  # the client goes away mid-stream
         await asyncio.gather(consume_two(), consume_two())
-        return chunks[-1]
+        return finals[0]
 
     try:
         final = asyncio.run(main())

@@ -63,11 +63,12 @@ def test_generate_cli_greedy_and_seeded(model_dir):
 
 def test_generate_matches_library(model_dir):
     from cubelm.data.tokenizer import load_tokenizer
-    from cubelm.engine.reference import GenerationConfig, generate_tokens
+    from cubelm.engine.params import SamplingParams
+    from cubelm.engine.reference import generate_tokens
     from cubelm.model.hf_io import load_model
     tok = load_tokenizer(model_dir)
     ids = list(generate_tokens(load_model(model_dir), tok.encode("class A"),
-                               GenerationConfig(temperature=0, max_new_tokens=10, ignore_eos=True)))
+                               SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)))
     r = cubelm("generate", "--model", str(model_dir), "--prompt", "class A", "--temperature", "0",
                "--max-new-tokens", "10", "--ignore-eos")
     assert r.stdout == "class A" + tok.decode(ids) + "\n"

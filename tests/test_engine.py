@@ -6,7 +6,7 @@ import torch
 from cubelm.engine.config import EngineConfig
 from cubelm.engine.llm_engine import LLMEngine
 from cubelm.engine.params import SamplingParams
-from cubelm.engine.reference import GenerationConfig, generate_tokens
+from cubelm.engine.reference import generate_tokens
 from cubelm.model.hf_io import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -70,7 +70,7 @@ def test_greedy_batch_matches_transformers_and_reference(hf_model_dir, model):
         if expected and expected[-1] == 2:
             expected = expected[:-1]
         assert out.outputs[0].token_ids == expected
-        ref = list(generate_tokens(model, p, GenerationConfig(temperature=0, max_new_tokens=24)))
+        ref = list(generate_tokens(model, p, SamplingParams(temperature=0, max_tokens=24)))
         assert out.outputs[0].token_ids == ref
 
 

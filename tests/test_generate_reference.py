@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from cubelm.engine.detokenize import IncrementalDetokenizer
-from cubelm.engine.reference import GenerationConfig, GenerationResult, generate_tokens
-from cubelm.engine.sampling import SamplingConfig, filter_logits, sample
+from cubelm.engine.params import SamplingParams
+from cubelm.engine.reference import GenerationResult, generate_tokens
+from cubelm.engine.sampling import filter_logits, sample
 from cubelm.errors import CubelmError
 from cubelm.model.hf_io import load_model
 
@@ -40,7 +41,7 @@ def test_greedy_matches_transformers(hf_and_ours):
         expected = out[0, prompt.shape[1]:].tolist()
         if expected[-1] == 2:  # HF keeps the EOS it stopped on; cubelm reports it as finish_reason instead
             expected = expected[:-1]
-        gen = GenerationConfig(temperature=0.0, max_new_tokens=40)
+        gen = SamplingParams(temperature=0.0, max_tokens=40)
         got = list(generate_tokens(ours, prompt[0].tolist(), gen))
         assert got == expected
 
@@ -48,7 +49,7 @@ def test_greedy_matches_transformers(hf_and_ours):
 def test_cache_matches_full_recompute(hf_and_ours):
     _, ours = hf_and_ours
     prompt = [5, 6, 7, 8]
-    got = list(generate_tokens(ours, prompt, GenerationConfig(temperature=0.0, max_new_tokens=12, ignore_eos=True)))
+    got = list(generate_tokens(ours, prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)))
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(12):  # no cache: the whole sequence every step
@@ -58,21 +59,21 @@ def test_cache_matches_full_recompute(hf_and_ours):
 
 def test_seed_reproduces_and_differs(hf_and_ours):
     _, ours = hf_and_ours
-    run = lambda seed: list(generate_tokens(ours, [5, 6, 7], GenerationConfig(
-        temperature=1.0, top_k=50, top_p=0.9, seed=seed, max_new_tokens=30, ignore_eos=True)))
+    run = lambda seed: list(generate_tokens(ours, [5, 6, 7], SamplingParams(
+        temperature=1.0, top_k=50, top_p=0.9, seed=seed, max_tokens=30, ignore_eos=True)))
     assert run(123) == run(123)
     assert run(123) != run(124)
 
 
 def test_stops_on_eos_and_reports_reason(hf_and_ours):
     _, ours = hf_and_ours
-    first = list(generate_tokens(ours, [5, 6, 7], GenerationConfig(temperature=0.0, max_new_tokens=3)))
+    first = list(generate_tokens(ours, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3)))
     ours.config.eos_token_id = first[1]  # pretend the second greedy token is EOS
     try:
         result = GenerationResult([], "")
-        got = list(generate_tokens(ours, [5, 6, 7], GenerationConfig(temperature=0.0, max_new_tokens=10), result))
+        got = list(generate_tokens(ours, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=10), result))
         assert got == first[:1] and result.finish_reason == "stop"
-        ignored = list(generate_tokens(ours, [5, 6, 7], GenerationConfig(temperature=0.0, max_new_tokens=3,
+        ignored = list(generate_tokens(ours, [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3,
                                                                           ignore_eos=True)))
         assert ignored == first
     finally:
@@ -82,10 +83,10 @@ def test_stops_on_eos_and_reports_reason(hf_and_ours):
 def test_context_limit_and_empty_prompt(hf_and_ours):
     _, ours = hf_and_ours
     with pytest.raises(CubelmError, match="empty"):
-        list(generate_tokens(ours, [], GenerationConfig()))
+        list(generate_tokens(ours, [], SamplingParams()))
     with pytest.raises(CubelmError, match="context"):
-        list(generate_tokens(ours, [5] * 128, GenerationConfig()))
-    got = list(generate_tokens(ours, [5] * 120, GenerationConfig(temperature=0, max_new_tokens=50, ignore_eos=True)))
+        list(generate_tokens(ours, [5] * 128, SamplingParams()))
+    got = list(generate_tokens(ours, [5] * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
     assert len(got) == 8  # clipped to the 128-token context
 
 
@@ -96,9 +97,9 @@ def test_top_k_top_p_filters():
     assert torch.isinf(filter_logits(logits, 0, 0.6)).tolist() == [[False, False, True, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.3)).tolist() == [[False, True, True, True, True]]
     g = torch.Generator().manual_seed(0)
-    draws = [int(sample(logits, SamplingConfig(temperature=1.0, top_k=2), g)) for _ in range(200)]
+    draws = [int(sample(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)]
     assert set(draws) == {0, 1}
-    assert int(sample(logits, SamplingConfig(temperature=0.0))) == 0
+    assert int(sample(logits, SamplingParams(temperature=0.0))) == 0
 
 
 def test_incremental_detokenizer_never_splits_utf8():

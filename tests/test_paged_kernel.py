@@ -1,6 +1,7 @@
 """The native paged decode-attention kernel against the PyTorch gather + SDPA path, and the engine with and
 without it."""
 
+import os
 import subprocess
 import sys
 
@@ -127,3 +128,15 @@ def test_unwritable_cache_falls_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.load("paged_decode") is None
     assert "using the PyTorch path" in capsys.readouterr().err
+
+
+def test_loading_the_kernels_keeps_subnormals(tmp_path):
+    """-ffast-math at link time would add crtfastmath.o, which turns on flush-to-zero for the whole process when
+    the library loads; Python, NumPy and torch would then lose every subnormal (seen: hypothesis refusing to run)."""
+    code = ("import torch; from cubelm.engine import kernels;"
+            "assert all(kernels.load(k) is not None for k in ('paged_decode', 'skinny_gemm'));"
+            "assert 5e-324 * 1.0 == 5e-324, 'Python floats flushed';"
+            "assert float(torch.tensor(1e-40) * 1.0) > 0, 'torch floats flushed'")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "CUBELM_KERNEL_CACHE": str(tmp_path)},
+                   check=True)
+    assert not list(tmp_path.glob("*.o")) and not list(tmp_path.glob("*.tmp.so"))  # no build leftovers

@@ -49,12 +49,12 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 class ServeProcess:
-    """``python -m cubelm serve`` on a free port; stopped by its pid."""
+    """``python -m cubelm serve`` (or another ``launcher`` of the same CLI) on a free port; stopped by its pid."""
 
-    def __init__(self, model_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, model_dir: Path, *args: str, env: dict | None = None, launcher: tuple = ("-m", "cubelm")):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "cubelm", "serve", "--model", str(model_dir), "--served-model-name", "m",
+        cmd = [sys.executable, *launcher, "serve", "--model", str(model_dir), "--served-model-name", "m",
                "--port", str(self.port), "--num-blocks", "256", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -89,7 +89,8 @@ class InProcessServer:
     def __init__(self, model_dir: Path, **overrides):
         import uvicorn
 
-        from cubelm.serve.app import ServerState, create_app
+        from cubelm.serve.app import create_app
+        from cubelm.serve.state import ServerState
         from cubelm.serve.commands import ServeOptions
         options = ServeOptions(model=str(model_dir), served_model_name="m", num_blocks=256, **overrides)
         self.state = ServerState(options)

@@ -5,12 +5,18 @@ exists, and hands each request's outputs to that request's asyncio queue on the 
 stops iterating (disconnect, cancellation) aborts its request, which frees its KV blocks at the next step
 boundary. ``max_batch_delay_ms`` is the adaptive batcher's knob (§6.1.3): when the engine is idle and a request
 arrives, wait up to that long for more arrivals before the first step, trading a little latency for bigger batches.
+
+A request the engine failed raises ``RequestFailed`` to its client only. If the loop itself dies (a bug, or
+``EngineBroken``), the error and its traceback are logged, every open stream gets ``EngineDead``, every later
+``submit`` raises ``EngineDead`` at once (nobody waits on a dead thread), and ``error`` tells the server to report
+unhealthy and exit for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -20,6 +26,8 @@ from cubelm.engine.llm_engine import LLMEngine
 from cubelm.engine.outputs import RequestOutput
 from cubelm.engine.params import SamplingParams
 from cubelm.errors import CubelmError
+
+log = logging.getLogger("cubelm.engine")
 
 
 class AsyncLLM:
@@ -43,7 +51,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative ``RequestOutput``s until finished. Leaving the loop early aborts the request."""
+        """Yield ``RequestOutput``s (deltas or one final, per ``params.output_kind``) until finished. Leaving the
+        loop early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = self.submit(prompt, params, request_id)
         try:
@@ -59,6 +68,9 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def submit(self, prompt, params, request_id: str) -> asyncio.Queue:
+        if self.error is not None:
+            raise EngineDead(f"the engine failed ({type(self.error).__name__}: {self.error}); this server "
+                             f"accepts no more requests and is restarting")
         if self._stop:
             raise CubelmError("the engine is shutting down")
         if self.max_waiting is not None and len(self._streams) >= self.max_waiting:
@@ -67,6 +79,9 @@ class AsyncLLM:
         self.engine_validate(prompt, params or SamplingParams())
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if self.error is not None:  # died between the check above and now: its sweep may have missed this stream
+            self._streams.pop(request_id, None)
+            raise EngineDead(f"the engine failed ({type(self.error).__name__}: {self.error})")
         self._commands.put(("add", request_id, prompt, params))
         self._wake.set()
         return stream
@@ -117,11 +132,13 @@ class AsyncLLM:
                     time.sleep(self.max_batch_delay)  # gather more arrivals into the first batch
                     self._apply_commands()
                 for out in self.engine.step():
-                    self._deliver(out.request_id, out, final=out.finished)
+                    item = RequestFailed(f"generation failed: {out.error}") if out.error else out
+                    self._deliver(out.request_id, item, final=out.finished)
         except BaseException as e:  # the engine is broken: fail every open stream rather than hang it
+            log.critical("the engine loop died: %s: %s", type(e).__name__, e, exc_info=e)
             self.error = e
             for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"engine failed: {e}"), final=True)
+                self._deliver(request_id, EngineDead(f"the engine failed: {type(e).__name__}: {e}"), final=True)
 
     def _deliver(self, request_id: str, item, final: bool) -> None:
         entry = self._streams.get(request_id)
@@ -138,3 +155,11 @@ class AsyncLLM:
 
 class QueueFull(CubelmError):
     """Too many requests in flight (the server answers 503)."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed this request (and only this one); the message says why."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop has died; no request can be served (the server answers 503 and restarts)."""

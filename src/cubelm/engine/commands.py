@@ -44,26 +44,20 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def run_generate(o: GenerateOptions) -> int:
-    import torch
-
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.engine.detokenize import IncrementalDetokenizer
-    from cubelm.engine.reference import GenerationConfig, GenerationResult, generate_tokens
-    from cubelm.model.hf_io import load_model
+    from cubelm.engine.params import SamplingParams
+    from cubelm.engine.reference import GenerationResult, generate_tokens
+    from cubelm.model.hf_io import load_model, resolve_device
 
-    gen = GenerationConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
-                           top_p=o.top_p, seed=o.seed, ignore_eos=o.ignore_eos)
+    params = SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                            seed=o.seed, ignore_eos=o.ignore_eos)
     model_dir = resolve_model_dir(o.model)
-    try:
-        device = torch.device(o.device)
-    except RuntimeError:
-        raise CubelmError(f"unknown device {o.device!r}; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CubelmError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    device = resolve_device(o.device)
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=o.dtype)
     from cubelm.engine.decode_layout import apply_decode_layout
-    apply_decode_layout(model)  # inference only: same logits, ~1.7x faster one-token steps on CPU
+    apply_decode_layout(model)  # inference only (CPU): same logits, ~1.7x faster one-token steps
     tok = load_tokenizer(model_dir)
     prompt_ids = tok.encode(o.prompt)
     print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
@@ -71,7 +65,7 @@ def run_generate(o: GenerateOptions) -> int:
     detok, result = IncrementalDetokenizer(tok.decode), GenerationResult([], "length")
     t1 = time.perf_counter()
     sys.stdout.write(o.prompt)
-    for token_id in generate_tokens(model, prompt_ids, gen, result):
+    for token_id in generate_tokens(model, prompt_ids, params, result):
         sys.stdout.write(detok.add(token_id))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")

@@ -110,7 +110,13 @@ def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
 
 def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module:
     """Fuse q/k/v and gate/up, then swap the remaining ``nn.Linear`` modules of the decoder and the head for
-    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64). Idempotent."""
+    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64). Idempotent.
+
+    CPU only: on other devices the model is returned unchanged (cuBLAS already streams few-row GEMMs well, and
+    the native kernels are CPU code), so callers can apply it whatever the device."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return model
     for layer in getattr(getattr(model, "model", None), "layers", []):
         _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], block)
         _fuse(layer.mlp, ["gate_proj", "up_proj"], block)

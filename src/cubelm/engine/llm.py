@@ -13,7 +13,7 @@ from collections.abc import Sequence as Seq
 
 from cubelm.engine.config import EngineConfig
 from cubelm.engine.llm_engine import LLMEngine
-from cubelm.engine.outputs import RequestOutput
+from cubelm.engine.outputs import OutputAccumulator, RequestOutput
 from cubelm.engine.params import SamplingParams
 from cubelm.errors import CubelmError
 
@@ -53,13 +53,12 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm
-        done: dict[str, RequestOutput] = {}
+        acc = {i: OutputAccumulator() for i in ids}
         bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
+                acc[out.request_id].add(out)
+                bar.update(out.finished)
             bar.set_postfix(gen_tok=self.engine.num_generated_tokens)
         bar.close()
-        return [done[i] for i in ids]
+        return [acc[i].build() for i in ids]

@@ -6,13 +6,20 @@
         for out in engine.step(): ...
 
 The offline ``LLM`` and the async server loop are thin layers over this class.
+
+Fault isolation: one request must never hurt another. An exception while post-processing one sequence (sampling,
+detokenizing, stop checks) fails that request only (``finish_reason`` "error", ``RequestOutput.error`` set, its
+blocks freed). A failed model forward cannot be pinned on one request, so it fails the requests of that batch and
+the engine goes on; only ``MAX_FAILED_STEPS`` failed forwards in a row mean the engine itself is broken
+(``EngineBroken``), which the async loop reports so that the server turns unhealthy.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +34,13 @@ from cubelm.engine.scheduler import Scheduler
 from cubelm.engine.sequence import Sequence
 from cubelm.errors import CubelmError
 
+log = logging.getLogger("cubelm.engine")
+MAX_FAILED_STEPS = 3
+
+
+class EngineBroken(RuntimeError):
+    """Model forwards keep failing whatever the batch: the engine cannot serve anything any more."""
+
 
 @dataclass(slots=True, eq=False)
 class Request:
@@ -36,7 +50,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
-    emitted: list[int] = field(default_factory=list)  # text chars already streamed, per sequence
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -65,6 +79,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.num_generated_tokens = self.num_prompt_tokens = 0
+        self.num_failed_steps = 0  # model forwards failed in a row
         self.proposer = None
         self.spec_proposed = self.spec_accepted = 0
         if config.speculative is not None:
@@ -102,13 +117,13 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, i, ids, params, self.eos_token_ids, parent=seqs[0] if seqs else None)
             if params.seed is not None:
-                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed_for(i))
             if self.tokenizer is not None:
                 seq.detok = IncrementalDetokenizer(
                     lambda t, skip=params.skip_special_tokens: self.tokenizer.decode(t, skip_special_tokens=skip))
             seqs.append(seq)
             self.scheduler.add(seq)
-        req = Request(request_id, text, ids, params, seqs, RequestMetrics(time.monotonic()), [0] * params.n)
+        req = Request(request_id, text, ids, params, seqs, RequestMetrics(time.monotonic()))
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
         return req
@@ -144,30 +159,83 @@ class LLMEngine:
                 self.proposer.forget(seq)
         if not batch:
             return []
-        spec = self._propose(batch) if self.proposer is not None else {}
-        logits, offsets = self.runner.run(batch.seqs, batch.num_new_tokens, full=frozenset(spec))
+        touched: dict[str, Request] = {}
+        try:
+            spec = self._propose(batch) if self.proposer is not None else {}
+            logits, offsets = self.runner.run(batch.seqs, batch.num_new_tokens, full=frozenset(spec))
+        except Exception as e:  # noqa: BLE001 - not attributable to one request: fail this batch, keep the rest
+            self._forward_failed(e)
+            for seq in batch.seqs:
+                self._fail(seq.request_id, e, touched)
+            return self._outputs(touched)
+        self.num_failed_steps = 0
         now = time.monotonic()
-        to_sample, rows, touched = [], [], {}
+        to_sample, rows = [], []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if row in spec:
-                rows_m = logits[offsets[row]:offsets[row] + n]
-                self._verify(seq, *spec[row], rows_m, now)
-                touched[seq.request_id] = self.requests.get(seq.request_id)
+            req = touched[seq.request_id] = self.requests.get(seq.request_id)
+            if req is None or seq.is_finished:  # aborted, or its request failed earlier in this step
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
+            try:
+                if row in spec:
+                    self._verify(seq, *spec[row], logits[offsets[row]:offsets[row] + n], now)
+                    continue
+                seq.num_computed_tokens += n
+                self.block_manager.commit(seq)
+            except Exception as e:  # noqa: BLE001 - this request's problem only
+                self._fail(seq.request_id, e, touched)
+                continue
             if seq.num_computed_tokens == seq.num_tokens:
                 to_sample.append(seq)
                 rows.append(offsets[row])
-        if to_sample:
-            tokens, logprobs = sample_batch(logits[rows], to_sample, self.generator)
-            for seq, token, lp in zip(to_sample, tokens, logprobs):
+        for seq, token, lp in self._sample(logits, rows, to_sample, touched):
+            if seq.is_finished:  # a sibling (n > 1) failed its request a moment ago
+                continue
+            try:
                 self._append_token(seq, token, lp, now)
-                touched[seq.request_id] = self.requests.get(seq.request_id)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq.request_id, e, touched)
         for req in touched.values():
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        return [self._output(r) for r in touched.values() if r is not None]
+        return self._outputs(touched)
+
+    def _sample(self, logits, rows: list[int], seqs: list[Sequence], touched: dict):
+        """(seq, token, logprob) for each sequence to sample. One vectorized call; if it raises, row by row so
+        only the requests whose rows fail are failed."""
+        if not seqs:
+            return []
+        try:
+            return list(zip(seqs, *sample_batch(logits[rows], seqs, self.generator)))
+        except Exception:  # noqa: BLE001 - find the culprit rows below
+            pass
+        out = []
+        for row, seq in zip(rows, seqs):
+            try:
+                tokens, lps = sample_batch(logits[row:row + 1], [seq], self.generator)
+                out.append((seq, tokens[0], lps[0]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq.request_id, e, touched)
+        return out
+
+    def _forward_failed(self, error: Exception) -> None:
+        self.num_failed_steps += 1
+        log.error("model forward failed (%d in a row); failing the batch's requests", self.num_failed_steps,
+                  exc_info=error)
+        if self.num_failed_steps >= MAX_FAILED_STEPS:
+            raise EngineBroken(f"{self.num_failed_steps} model forwards failed in a row; last: "
+                               f"{type(error).__name__}: {error}") from error
+
+    def _fail(self, request_id: str, error: Exception, touched: dict) -> None:
+        """End every sequence of the request with finish_reason "error" and free its blocks."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.error is None:
+            log.error("request %s failed: %s: %s", request_id, type(error).__name__, error, exc_info=error)
+            req.error = f"{type(error).__name__}: {error}"
+        for seq in req.seqs:
+            self._finish(seq, "error")
+        touched[request_id] = req
 
     # ---- speculative decoding ------------------------------------------------------------------------------
     def _propose(self, batch) -> dict[int, tuple[list[int], object]]:
@@ -225,26 +293,32 @@ class LLMEngine:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp.logprob
         if seq.detok is not None:
-            before = len(seq.text)
-            seq.text += seq.detok.add(token)
+            before = len(seq.pending_text)
+            seq.pending_text += seq.detok.add(token)
             if p.stop and self._check_stop_strings(seq, before):
                 return
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 
     def _check_stop_strings(self, seq: Sequence, before: int) -> bool:
+        """Search the pending text only: released text is at least (longest stop - 1) characters behind the end,
+        so no stop string can start in it."""
         longest = max(map(len, seq.params.stop))
         start = max(0, before - longest + 1)  # a stop string may straddle the old/new text boundary
-        hits = [(seq.text.find(s, start), s) for s in seq.params.stop]
+        hits = [(seq.pending_text.find(s, start), s) for s in seq.params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False
         idx, stop = min(hits)
-        seq.text = seq.text[:idx]
+        seq.pending_text = seq.pending_text[:idx]
         self._finish(seq, "stop", stop)
         return True
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        if seq.is_finished:
+            return
+        if seq.detok is not None and reason in ("stop", "length") and not isinstance(stop_reason, str):
+            seq.pending_text += seq.detok.flush()  # an incomplete character at the very end, as decode shows it
         self.scheduler.finish(seq, reason, stop_reason)
         if self.proposer is not None:
             self.proposer.forget(seq)
@@ -252,32 +326,46 @@ class LLMEngine:
         if req is not None and req.finished:
             req.metrics.finished_time = time.monotonic()
 
-    def _output(self, req: Request, *, delta: bool = False) -> RequestOutput:
+    def _outputs(self, touched: dict[str, Request | None]) -> list[RequestOutput]:
+        outs = []
+        for req in touched.values():
+            if req is None:
+                continue
+            for seq in req.seqs:  # running: hold back a tail that could still grow into a stop string
+                seq.release_text(0 if seq.is_finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1)
+            if req.finished or (req.params.output_kind == "delta" and any(
+                    s.num_output_tokens > s.num_emitted_tokens or len(s.text_chunks) > s.num_emitted_chunks
+                    for s in req.seqs)):
+                outs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outs
+
+    def _output(self, req: Request) -> RequestOutput:
+        """The request's new text/ids/logprobs since its last output ("delta"), or all of them ("final")."""
+        delta = req.params.output_kind == "delta"
         outs = []
         for seq in req.seqs:
-            outs.append(CompletionOutput(
-                seq.index, self.visible_text(seq), seq.output_token_ids,
-                seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                list(seq.logprobs) if seq.params.logprobs is not None else None, seq.finish_reason, seq.stop_reason))
-        if req.finished:
-            self.requests.pop(req.request_id, None)
+            want_lp = seq.params.logprobs is not None
+            if delta:
+                text = "".join(seq.text_chunks[seq.num_emitted_chunks:])
+                start = seq.num_emitted_tokens
+                seq.num_emitted_chunks, seq.num_emitted_tokens = len(seq.text_chunks), seq.num_output_tokens
+            else:
+                text, start = "".join(seq.text_chunks), 0
+            ids = seq.token_ids[seq.num_prompt_tokens + start:]
+            outs.append(CompletionOutput(seq.index, text, ids, seq.cumulative_logprob if want_lp else None,
+                                         seq.logprobs[start:] if want_lp else None, seq.finish_reason,
+                                         seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_tokens, req.metrics)
-
-    @staticmethod
-    def visible_text(seq: Sequence) -> str:
-        """Text safe to show now: while running, hold back a tail that could still grow into a stop string."""
-        if seq.is_finished or not seq.params.stop:
-            return seq.text
-        hold = max(map(len, seq.params.stop)) - 1
-        return seq.text[:len(seq.text) - hold] if hold else seq.text
+                             req.seqs[0].num_cached_tokens, req.metrics, req.error)
 
     # ---- introspection -------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        bm = self.block_manager
-        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
+        bm, sched = self.block_manager, self.scheduler
+        return {"num_requests_running": len(sched.running), "num_requests_waiting": len(sched.waiting),
                 "kv_cache_usage_perc": bm.usage(), "prefix_cache_queries": bm.prefix_queries,
-                "prefix_cache_hits": bm.prefix_hits, "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_hits": bm.prefix_hits, "num_preemptions": sched.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens,
                 "spec_decode_num_draft_tokens": self.spec_proposed,
                 "spec_decode_num_accepted_tokens": self.spec_accepted}

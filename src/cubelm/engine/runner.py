@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from cubelm.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
-from cubelm.engine.scheduler import ScheduledBatch
 from cubelm.engine.sequence import Sequence
 from cubelm.model.transformer import CausalLM
 
@@ -80,11 +79,6 @@ class ModelRunner:
         meta.decode_mask = mask[:, None, None, :]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns logits (len(batch), vocab) at each sequence's last new token."""
-        return self.run(batch.seqs, batch.num_new_tokens)[0]
-
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int], *, starts: list[int] | None = None,
             full: frozenset[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
         """Logits at each sequence's last new token, or at all its new tokens for rows in ``full`` (speculative
@@ -98,10 +92,3 @@ class ModelRunner:
             offsets.append(len(rows))
             rows.extend(range(first[i], first[i] + n) if i in full else [first[i] + n - 1])
         return self.model.lm_head(hidden[0, rows]), offsets  # only rows that may be sampled
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst across all layers (copy-on-write for forked sequences)."""
-        bs = self.block_size
-        for src, dst in pairs:
-            self.k_cache[:, dst * bs:(dst + 1) * bs] = self.k_cache[:, src * bs:(src + 1) * bs]
-            self.v_cache[:, dst * bs:(dst + 1) * bs] = self.v_cache[:, src * bs:(src + 1) * bs]

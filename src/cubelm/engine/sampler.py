@@ -3,6 +3,8 @@
 Greedy rows take an argmax; the rest are filtered in one vectorized pass. A row with a seed samples with its own
 ``torch.Generator``, so a seeded request draws the same tokens whatever else shares the batch. Logprobs are
 those of the raw model distribution (before temperature and penalties), as vLLM reports them by default.
+Every row goes through ``cubelm.engine.sampling``'s numerically safe path, so no parameter value the API accepts
+can make a row NaN and fail the whole batch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from cubelm.engine.sampling import filter_logits
+from cubelm.engine.sampling import finite_logits, sample_probs
 from cubelm.engine.sequence import Sequence, TokenLogprob
 
 
@@ -53,7 +55,7 @@ def sample_batch(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Ge
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if greedy:
-        tokens[greedy] = logits[greedy].argmax(-1)
+        tokens[greedy] = finite_logits(logits[greedy]).argmax(-1)
     if rand:
         tokens[rand] = _sample_rows(logits[rand], [seqs[i] for i in rand], generator)
     token_list = tokens.tolist()  # NOTE: the step's one host sync: stop checks need the ids
@@ -68,10 +70,10 @@ def sample_batch(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Ge
 def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], generator) -> torch.Tensor:
     dev = logits.device
     temp = torch.tensor([s.params.temperature for s in seqs], device=dev).unsqueeze(-1)
-    top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
+    top_k = torch.tensor([min(s.params.top_k, logits.shape[-1]) for s in seqs], device=dev)  # int64-safe
     top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
     min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-    probs = filter_logits(logits / temp, top_k, top_p, min_p).softmax(-1)
+    probs = sample_probs(logits, temp, top_k, top_p, min_p)
     out = torch.empty(len(seqs), dtype=torch.long, device=dev)
     unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
     if unseeded:
@@ -85,6 +87,6 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence], generator) -> torch
 def _logprob_record(row: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
     top = {}
     if k:
-        values, ids = torch.topk(row, k)
+        values, ids = torch.topk(row, min(k, row.shape[-1]))
         top = dict(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token_id, float(row[token_id]), top)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cubelm.engine.sampling import filter_logits
+from cubelm.engine.sampling import finite_logits, sample_probs
 from cubelm.engine.sequence import Sequence
 from cubelm.errors import CubelmError
 
@@ -47,8 +47,8 @@ def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     p = seq.params
     logits = logits.float()
     if p.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(logits / p.temperature, p.top_k, p.top_p, p.min_p).softmax(-1)
+        return torch.nn.functional.one_hot(finite_logits(logits).argmax(-1), logits.shape[-1]).float()
+    return sample_probs(logits, p.temperature, min(p.top_k, logits.shape[-1]), p.top_p, p.min_p)
 
 
 def _draw(probs: torch.Tensor, generator) -> int:

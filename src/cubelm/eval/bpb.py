@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from cubelm.errors import CubelmError
 
 
+def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
+    """The one BPB definition (training's validation, ``cubelm eval bpb``): summed NLL in nats -> bits / bytes."""
+    return loss_sum_nats / math.log(2) / max(1, num_bytes)
+
+
 @dataclass(slots=True)
 class HeldOut:
     name: str
@@ -79,9 +84,9 @@ def gzip_bpb(texts: list[str]) -> float:
 def unigram_bpb(texts: list[str], tokenizer, train_tokens: np.ndarray) -> float:
     """Cross-entropy of add-one-smoothed unigram token frequencies from the training data."""
     counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=tokenizer.vocab_size) + 1.0
-    log2p = np.log2(counts / counts.sum())
-    bits = sum(-log2p[np.asarray(tokenizer.encode(t), dtype=np.int64)].sum() for t in texts)
-    return float(bits) / sum(len(t.encode("utf-8")) for t in texts)
+    logp = np.log(counts / counts.sum())
+    nats = sum(-logp[np.asarray(tokenizer.encode(t), dtype=np.int64)].sum() for t in texts)
+    return bits_per_byte(float(nats), sum(len(t.encode("utf-8")) for t in texts))
 
 
 @torch.no_grad()
@@ -107,7 +112,7 @@ def model_bpb(model, tokenizer, texts: list[str], *, context: int = 256, batch_s
         logits = model(x.to(device)).float()
         nats += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
                                       reduction="sum"))
-    return nats / math.log(2) / sum(len(t.encode("utf-8")) for t in texts)
+    return bits_per_byte(nats, sum(len(t.encode("utf-8")) for t in texts))
 
 
 def evaluate_bpb(model_dir: str | Path, held_out: HeldOut, *, train_data: str | Path | None = None,

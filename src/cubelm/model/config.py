@@ -194,10 +194,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _preset(**kw) -> ModelConfig:
-    return ModelConfig(**kw)
-
-
 # Shapes cubelm trains, then the real models' published config.json shapes (planning and loading).
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,

@@ -40,6 +40,19 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
     return DTYPES[name]
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device from a user's string, with an error that says what would work."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CubelmError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CubelmError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise CubelmError(f"device {name!r} is not supported; use cpu or cuda[:N]")
+    return device
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     single, index = model_dir / WEIGHTS_NAME, model_dir / INDEX_NAME
     if single.is_file():

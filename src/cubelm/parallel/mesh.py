@@ -61,7 +61,7 @@ def exit_rank(code: int) -> NoReturn:
 @dataclass(slots=True)
 class MeshInfo:
     mesh: DeviceMesh
-    pc: ParallelConfig  # resolved (dp filled in)
+    parallel: ParallelConfig  # resolved (dp filled in)
 
     @property
     def dp_rank(self) -> int:

@@ -47,16 +47,17 @@ class ParallelTrainer(Trainer):
                  log=None):
         device = torch.device(cfg.device)
         init_distributed(device, parallel.timeout_s)
-        self.mi = build_mesh(parallel, device)
-        self.pc = self.mi.pc
+        self.mesh = build_mesh(parallel, device)
+        self.parallel = self.mesh.parallel
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
-        if cfg.micro_batch_size % self.pc.dp:
-            raise CubelmError(f"--micro-batch-size {cfg.micro_batch_size} (global) must divide by dp {self.pc.dp}")
-        self.local_batch = cfg.micro_batch_size // self.pc.dp
-        if self.pc.pp > 1 and self.local_batch % self.pc.microbatches:
+        if cfg.micro_batch_size % self.parallel.dp:
+            raise CubelmError(f"--micro-batch-size {cfg.micro_batch_size} (global) must divide by dp "
+                              f"{self.parallel.dp}")
+        self.local_batch = cfg.micro_batch_size // self.parallel.dp
+        if self.parallel.pp > 1 and self.local_batch % self.parallel.microbatches:
             raise CubelmError(f"each dp rank's {self.local_batch} sequences per micro-step must split into "
-                              f"{self.pc.microbatches} pipeline micro-batches; change --micro-batch-size or "
+                              f"{self.parallel.microbatches} pipeline micro-batches; change --micro-batch-size or "
                               f"--microbatches")
         quiet = lambda msg: None  # noqa: E731 - only rank 0 talks
         log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -65,26 +66,26 @@ class ParallelTrainer(Trainer):
     # ---- building -----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
         from cubelm.model.transformer import build_model
-        cfg, pc, mi = self.cfg, self.pc, self.mi
+        cfg, parallel, mesh = self.cfg, self.parallel, self.mesh
         model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # identical on every rank
-        if pc.tp > 1:
+        if parallel.tp > 1:
             from cubelm.parallel.tensor_parallel import check_tp_divisible
-            check_tp_divisible(self.model_config, pc.tp, cfg.seq_len if pc.sequence_parallel else None)
-        if pc.pp > 1:
+            check_tp_divisible(self.model_config, parallel.tp, cfg.seq_len if parallel.sequence_parallel else None)
+        if parallel.pp > 1:
             self._setup_pipeline(model)
         else:
             self.model = self.forward = self._parallelize(model)
-            if pc.dp > 1 and pc.dp_mode == "ddp":
+            if parallel.dp > 1 and parallel.dp_mode == "ddp":
                 from cubelm.parallel.data_parallel import apply_ddp
-                self.forward = apply_ddp(model, mi.mesh["dp"])
+                self.forward = apply_ddp(model, mesh.mesh["dp"])
         self.optimizer = build_optimizer(self.model, cfg)
 
     def _parallelize(self, module):
         """TP, then activation checkpointing, then FSDP (torchtitan's order); DDP wraps later, at the call site."""
-        cfg, pc, mi = self.cfg, self.pc, self.mi
-        if pc.tp > 1:
+        cfg, parallel, mesh = self.cfg, self.parallel, self.mesh
+        if parallel.tp > 1:
             from cubelm.parallel.tensor_parallel import apply_tp
-            apply_tp(module, mi.mesh["tp"], sequence_parallel=pc.sequence_parallel)
+            apply_tp(module, mesh.mesh["tp"], sequence_parallel=parallel.sequence_parallel)
         if cfg.activation_checkpointing:
             from types import SimpleNamespace
 
@@ -92,24 +93,24 @@ class ParallelTrainer(Trainer):
             layers = module.model.layers  # a ModuleDict (by layer index) in a pipeline stage
             layers = list(layers.values()) if isinstance(layers, torch.nn.ModuleDict) else layers
             apply_activation_checkpointing(SimpleNamespace(model=SimpleNamespace(layers=layers)))
-        if pc.dp > 1 and pc.dp_mode == "fsdp":
+        if parallel.dp > 1 and parallel.dp_mode == "fsdp":
             from cubelm.parallel.data_parallel import apply_fsdp, mixed_precision_policy
-            apply_fsdp(module, mi.mesh["dp"], mixed_precision_policy(cfg.precision, backend_for(self.device)))
+            apply_fsdp(module, mesh.mesh["dp"], mixed_precision_policy(cfg.precision, backend_for(self.device)))
         return module
 
     def _setup_pipeline(self, model) -> None:
         from cubelm.parallel.pipeline import build_schedule, local_container, split_model, stages_of_rank
-        pc, mi = self.pc, self.mi
-        stage_ids = stages_of_rank(mi.pp_rank, pc)
-        stages = [self._parallelize(s) for s in split_model(model, pc, mi.pp_rank)]
-        self.has_first, self.has_last = 0 in stage_ids, pc.num_stages - 1 in stage_ids
+        parallel, mesh = self.parallel, self.mesh
+        stage_ids = stages_of_rank(mesh.pp_rank, parallel)
+        stages = [self._parallelize(s) for s in split_model(model, parallel, mesh.pp_rank)]
+        self.has_first, self.has_last = 0 in stage_ids, parallel.num_stages - 1 in stage_ids
         self.model = local_container(model, stages)
         run = stages
-        if pc.dp > 1 and pc.dp_mode == "ddp":
+        if parallel.dp > 1 and parallel.dp_mode == "ddp":
             from cubelm.parallel.data_parallel import apply_ddp
-            run = [apply_ddp(s, mi.mesh["dp"]) for s in stages]
+            run = [apply_ddp(s, mesh.mesh["dp"]) for s in stages]
         self.loss_fn = PipelineLoss()
-        self.schedule = build_schedule(pc, run, stage_ids, mi.group("pp"), self.device, self.loss_fn)
+        self.schedule = build_schedule(parallel, run, stage_ids, mesh.group("pp"), self.device, self.loss_fn)
         self.forward = None
 
     # ---- one optimizer step --------------------------------------------------------------------------------
@@ -120,11 +121,11 @@ class ParallelTrainer(Trainer):
         set_lr(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
-            x, y = self.train_batches.batch(self.state.samples, self.local_batch, rank=self.mi.dp_rank,
-                                            world=self.pc.dp, device=self.device)
+            x, y = self.train_batches.batch(self.state.samples, self.local_batch, rank=self.mesh.dp_rank,
+                                            world=self.parallel.dp, device=self.device)
             self.state.samples += cfg.micro_batch_size
             total += self._forward_backward(x, y, last=i == cfg.grad_accum - 1)
-        pp_group = self.mi.group("pp") if self.pc.pp > 1 else None
+        pp_group = self.mesh.group("pp") if self.parallel.pp > 1 else None
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip, pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,11 +137,11 @@ class ParallelTrainer(Trainer):
         """One micro-step; returns this rank's share of the micro-batch loss (``_global_mean`` combines them)."""
         scale = 1.0 / self.cfg.grad_accum
         weight = self._token_weight(y)
-        if self.pc.pp > 1:
+        if self.parallel.pp > 1:
             if weight is None:
                 self.loss_fn.scale, self.loss_fn.reduction = scale, "mean"
             else:  # the schedule divides by the number of pipeline micro-batches: multiply it back
-                self.loss_fn.scale, self.loss_fn.reduction = scale * weight * self.pc.microbatches, "sum"
+                self.loss_fn.scale, self.loss_fn.reduction = scale * weight * self.parallel.microbatches, "sum"
             losses: list = []
             self._pipeline_step(self.schedule.step, x, y, losses)
             if not losses:
@@ -163,9 +164,9 @@ class ParallelTrainer(Trainer):
         if getattr(self.train_batches, "mask", None) is None:
             return None
         count = (y != IGNORE_INDEX).sum().to(torch.float64)
-        if self.pc.dp > 1:
-            dist.all_reduce(count, group=self.mi.group("dp"))
-        return self.pc.dp / max(1.0, float(count))
+        if self.parallel.dp > 1:
+            dist.all_reduce(count, group=self.mesh.group("dp"))
+        return self.parallel.dp / max(1.0, float(count))
 
     def _pipeline_step(self, fn, x, y, losses: list) -> None:
         args = (x,) if self.has_first else ()
@@ -175,10 +176,10 @@ class ParallelTrainer(Trainer):
 
     def _reports_loss(self) -> bool:
         """One rank per data-parallel replica contributes the loss: the last stage's holder, tp rank 0."""
-        return (self.pc.pp == 1 or self.has_last) and self.mi.tp_rank == 0
+        return (self.parallel.pp == 1 or self.has_last) and self.mesh.tp_rank == 0
 
     def _global_mean(self, local: torch.Tensor) -> float:
-        t = (local.float().cpu() if self._reports_loss() else torch.zeros(())) / self.pc.dp
+        t = (local.float().cpu() if self._reports_loss() else torch.zeros(())) / self.parallel.dp
         t = t.to(self.device)
         dist.all_reduce(t)
         return float(t)
@@ -186,17 +187,17 @@ class ParallelTrainer(Trainer):
     # ---- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        if self.pc.pp == 1:
+        if self.parallel.pp == 1:
             return super().evaluate()  # every rank runs the same batches (FSDP/TP need all ranks in the forward)
         import math
 
-        from cubelm.train.metrics import bits_per_byte
+        from cubelm.eval.bpb import bits_per_byte
         self.model.eval()
         self.loss_fn.scale, self.loss_fn.reduction = 1.0, "sum"
         loss_sum, tokens, nbytes = torch.zeros((), device=self.device), 0, 0
         for i in range(self.cfg.eval_batches):
-            x, y = self.val_batches.batch(i * self.cfg.micro_batch_size, self.local_batch, rank=self.mi.dp_rank,
-                                          world=self.pc.dp, device=self.device)
+            x, y = self.val_batches.batch(i * self.cfg.micro_batch_size, self.local_batch, rank=self.mesh.dp_rank,
+                                          world=self.parallel.dp, device=self.device)
             losses: list = []
             self._pipeline_step(self.schedule.eval, x, y, losses)
             if losses and self._reports_loss():
@@ -205,8 +206,9 @@ class ParallelTrainer(Trainer):
             tokens += int(valid.sum())
             nbytes += int(self.token_bytes[y.flatten()[valid]].sum())
         self.model.train()
-        counts = torch.tensor([float(loss_sum), tokens / self.pc.pp / self.pc.tp, nbytes / self.pc.pp / self.pc.tp],
-                              dtype=torch.float64, device=self.device)
+        copies = self.parallel.pp * self.parallel.tp
+        counts = torch.tensor([float(loss_sum), tokens / copies, nbytes / copies], dtype=torch.float64,
+                              device=self.device)
         dist.all_reduce(counts)  # every (dp, pp, tp) rank counted its tokens: divide the pp·tp duplicates out
         loss_sum, tokens, nbytes = float(counts[0]), round(float(counts[1])), round(float(counts[2]))
         val_loss = loss_sum / max(1, tokens)
@@ -221,16 +223,17 @@ class ParallelTrainer(Trainer):
                                        extra_files=self._tokenizer_files())
 
     def _load(self, path: Path):
-        from cubelm.train.checkpoint import load_checkpoint
-        if not (path / "dcp").is_dir():
+        from cubelm.parallel.checkpoint import load_sharded_checkpoint
+        from cubelm.train.checkpoint import is_sharded
+        if not is_sharded(path):
             raise CubelmError(f"{path} was written by a single-process run; resume it without --nproc/torchrun, "
                               f"or start the distributed run in a new --out")
-        return load_checkpoint(path, self.model, self.optimizer)
+        return load_sharded_checkpoint(path, self.model, self.optimizer)
 
     def _full_model(self):
         from cubelm.model.transformer import CausalLM
         from cubelm.parallel.checkpoint import gather_full_state
-        full = gather_full_state(self.model, self.mi.group("pp") if self.pc.pp > 1 else None)
+        full = gather_full_state(self.model, self.mesh.group("pp") if self.parallel.pp > 1 else None)
         if not self.is_main:
             return None
         model = CausalLM(self.model_config)

@@ -1,9 +1,10 @@
-"""The FastAPI application: routes, request validation into OpenAI errors, and the server's lifecycle state.
+"""The FastAPI application: routes and request validation into OpenAI errors.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
 (Prometheus), OpenAPI docs at ``/docs``. The model loads in a background thread so that ``/health`` and ``/ready``
 answer from the first second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
+Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
 """
 
 from __future__ import annotations
@@ -19,99 +20,20 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cubelm.errors import CubelmError
-from cubelm.serve.auth import KeyChecker, key_id, load_api_keys
+from cubelm.serve.auth import key_id
+from cubelm.serve.body_limit import BodyLimit
 from cubelm.serve.errors import APIError, error_body
-from cubelm.serve.metrics import ServerMetrics
+from cubelm.serve.openapi import errors, install_openapi, ok
 from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                   new_id, now_s)
-from cubelm.serve.ratelimit import RateLimitConfig, RateLimiter
-from cubelm.serve.serving import EngineRequest, Job, Responder, submit_all
+                                   chat_messages, new_id, now_s)
+from cubelm.serve.serving import Job, Responder, submit_all
+from cubelm.serve.state import ServerState
 from cubelm.serve.streaming import SSEResponse, until_disconnect
 
-_REJECT_REASONS = {400: "invalid", 401: "auth", 404: "invalid", 429: "rate_limit", 504: "timeout"}
-
-
-class ServerState:
-    """Everything the routes share: the engine (once loaded), keys, limits, metrics, and the draining flag."""
-
-    def __init__(self, options, *, engine=None):
-        self.o = options
-        self.model_name = options.served_model_name
-        self.keys = KeyChecker(load_api_keys(options.api_key, options.api_key_file))
-        rl = RateLimitConfig(strategy=options.rate_limit_strategy, requests_per_minute=options.rate_limit_rpm,
-                             tokens_per_minute=options.rate_limit_tpm, burst_seconds=options.rate_limit_burst_seconds,
-                             storage_uri=options.rate_limit_storage)
-        self.limiter = RateLimiter(rl) if rl.enabled else None
-        self.limiter_blocks = not rl.storage_uri.startswith("memory")  # network storage: call it off the loop
-        self.metrics = ServerMetrics(self.model_name)
-        self.engine, self.llm, self.tokenizer = engine, None, None
-        self.load_error: BaseException | None = None
-        self.draining = False
-        self.num_delayed = 0  # admitted, waiting out a leaky-bucket delay before reaching the engine
-        self.live: set[EngineRequest] = set()
-
-    # ---- lifecycle ------------------------------------------------------------------------------------------
-    def load(self) -> None:
-        from cubelm.engine.async_engine import AsyncLLM
-        try:
-            if self.engine is None:
-                from cubelm.engine.config import EngineConfig
-                from cubelm.engine.llm_engine import LLMEngine
-                cfg = EngineConfig(kv_cache_memory=self.o.kv_cache_memory, max_num_seqs=self.o.max_num_seqs,
-                                   max_model_len=self.o.max_model_len, num_blocks=self.o.num_blocks)
-                self.engine = LLMEngine.from_model_dir(self.o.model, cfg)
-            self.tokenizer = self.engine.tokenizer
-            self.metrics.attach(self.engine)
-            self.llm = AsyncLLM(self.engine, max_batch_delay_ms=self.o.max_batch_delay_ms,
-                                max_waiting=self.o.max_pending_requests)
-        except BaseException as e:  # noqa: BLE001 - reported by `cubelm serve`, which then exits non-zero
-            self.load_error = e
-
-    @property
-    def in_flight(self) -> int:
-        return (self.llm.num_unfinished if self.llm is not None else 0) + self.num_delayed
-
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work, let in-flight requests finish for up to ``timeout`` seconds, then fail the rest."""
-        self.draining = True
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for r in list(self.live):
-            r.fail(APIError(503, f"the server shut down before this request finished (--shutdown-timeout "
-                                 f"{timeout:g} s); retry", type="server_error", code="shutdown"))
-
-    def close(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-
-    def check_available(self) -> None:
-        if self.draining:
-            raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica",
-                           type="server_unavailable", code="draining", headers={"Retry-After": "1"})
-        if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {self.load_error}", type="server_error", code="not_ready")
-        if self.llm is None:
-            raise APIError(503, "the model is still loading; retry when GET /ready answers 200",
-                           type="server_unavailable", code="not_ready", headers={"Retry-After": "1"})
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
-                                f"(see GET /v1/models)", param="model", code="model_not_found")
-
-    async def rate_limit(self, client: str, num_tokens: int) -> float:
-        if self.limiter is None:
-            return 0.0
-        try:
-            if self.limiter_blocks:
-                return await asyncio.to_thread(self.limiter.admit, client, num_tokens)
-            return self.limiter.admit(client, num_tokens)
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - storage down is the server's problem, not the client's
-            raise APIError(503, f"the rate-limit storage is unavailable ({type(e).__name__}); retry shortly",
-                           type="server_error", code="rate_limit_storage") from None
+_REJECT_REASONS = {400: "invalid", 401: "auth", 404: "invalid", 413: "invalid", 429: "rate_limit", 504: "timeout"}
+GENERATE_RESPONSES = ok("application/json", "text/event-stream",
+                        description="The completion (JSON), or with stream=true its server-sent events") | errors(
+    400, 401, 404, 413, 429, 500, 503, 504)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -127,84 +49,119 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="cubelm", summary="OpenAI-compatible API for cubelm models", lifespan=lifespan)
     app.state.cubelm = state
+    app.add_middleware(BodyLimit, max_bytes=state.options.max_request_bytes)
     _add_error_handlers(app, state)
+    install_openapi(app, state)
 
     def client_id(request: Request) -> str:
         key = state.keys.check(request.headers)
         return key_id(key) if key else "ip:" + (request.client.host if request.client else "unknown")
 
-    @app.get("/health", summary="Liveness: the process answers and the engine loop is alive")
+    @app.get("/health", summary="Liveness: the process answers and the engine loop is alive", responses=errors(503))
     async def health():
-        if state.llm is not None and state.llm.error is not None:
-            return JSONResponse({"status": "engine failed", "error": str(state.llm.error)}, status_code=503)
+        if state.engine_error is not None:
+            return JSONResponse({"status": "engine failed", "error": str(state.engine_error)}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: 200 once the model is loaded, 503 while loading or draining")
+    @app.get("/ready", summary="Readiness: 200 once the model is loaded; 503 while loading, draining or failed",
+             responses=errors(503))
     async def ready():
-        if state.draining or state.llm is None:
-            status = "draining" if state.draining else ("failed" if state.load_error else "loading")
+        if state.engine_error is not None or state.draining or state.llm is None:
+            status = ("failed" if state.engine_error is not None or state.load_error is not None
+                      else "draining" if state.draining else "loading")
             return JSONResponse({"status": status}, status_code=503)
         return {"status": "ready", "model": state.model_name}
 
-    @app.get("/metrics", summary="Prometheus metrics (cubelm:*)")
+    @app.get("/metrics", summary="Prometheus metrics (cubelm:*)", response_class=Response,
+             responses=ok("text/plain", description="Prometheus text exposition format") | errors(401))
     async def metrics(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        if state.o.metrics_require_key:
+        if state.options.metrics_require_key:
             state.keys.check(request.headers)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", summary="The served model")
+    @app.get("/v1/models", summary="The served model", responses=errors(401, 503))
     async def models(_: str = Depends(client_id)):
         state.check_available()
         card = {"id": state.model_name, "object": "model", "created": now_s(), "owned_by": "cubelm",
-                "root": str(state.o.model), "max_model_len": state.engine.max_model_len}
+                "root": str(state.options.model), "max_model_len": state.engine.max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", summary="Text completion (OpenAI)")
+    @app.post("/v1/completions", summary="Text completion (OpenAI)", responses=GENERATE_RESPONSES)
     async def completions(req: CompletionRequest, request: Request, client: str = Depends(client_id)):
-        state.check_available()
-        state.check_model(req.model)
-        req.check_unsupported()
-        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+        _check_request(state, req)
+        prompts = [_encode(state, p, add_special_tokens=True) if isinstance(p, str) else list(p)
+                   for p in req.prompts()]
         return await _generate(state, req, request, client, prompts, chat=False,
                                max_tokens=req.max_tokens, logprobs=req.logprobs)
 
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI), with the tokenizer's chat template")
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI), with the model's chat template",
+              responses=GENERATE_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, client: str = Depends(client_id)):
-        state.check_available()
-        state.check_model(req.model)
-        req.check_unsupported()
-        ids = state.tokenizer.encode(_render_chat(state, req.chat_messages()))
+        _check_request(state, req)
+        ids = _encode(state, _render_chat(state, req.chat_messages()), add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(state, req, request, client, [ids], chat=True,
                                max_tokens=req.requested_max_tokens(), logprobs=logprobs)
 
-    @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (after the chat template)")
+    @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (after the chat template)",
+              responses=errors(400, 401, 404, 413, 503))
     async def tokenize(req: TokenizeRequest, _: str = Depends(client_id)):
         state.check_available()
         state.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = req.prompt if req.prompt is not None else _render_chat(
-            state, [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages],
-            req.add_generation_prompt)
-        ids = state.tokenizer.encode(text)
+        if req.prompt is not None:
+            ids = _encode(state, req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = _encode(state, _render_chat(state, chat_messages(req.messages), req.add_generation_prompt),
+                          add_special_tokens=False)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize", summary="Text of token ids")
+    @app.post("/detokenize", summary="Text of token ids", responses=errors(400, 401, 404, 413, 503))
     async def detokenize(req: DetokenizeRequest, _: str = Depends(client_id)):
         state.check_available()
         state.check_model(req.model)
-        vocab = state.engine.model.config.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        _check_token_ids(state, req.tokens, "tokens")
         return {"prompt": state.tokenizer.decode(req.tokens)}
 
     return app
 
 
+def _check_request(state: ServerState, req) -> None:
+    """What the schema cannot say: server limits and cross-field rules (each a 400 naming the field)."""
+    state.check_available()
+    state.check_model(req.model)
+    req.check_cross_field()
+    if req.n > state.options.max_n:
+        raise APIError(400, f"n must be at most {state.options.max_n} on this server (--max-n), got {req.n}",
+                       param="n")
+    _check_token_ids(state, req.stop_token_ids or [], "stop_token_ids")
+    if isinstance(req, CompletionRequest):
+        for p in req.prompts():
+            if not isinstance(p, str):
+                _check_token_ids(state, p, "prompt")
+
+
+def _check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocab = state.engine.model.config.vocab_size
+    bad = [t for t in ids if t >= vocab]
+    if bad:
+        raise APIError(400, f"{param}: token ids must be in [0, {vocab}), got {bad[:5]}", param=param)
+
+
+def _encode(state: ServerState, text: str, *, add_special_tokens: bool) -> list[int]:
+    if len(text) > state.max_prompt_chars:
+        raise APIError(400, f"the prompt has {len(text):,} characters, more than any {state.engine.max_model_len:,}"
+                            f"-token context can hold with this tokenizer; shorten it", param="prompt",
+                       code="context_length_exceeded")
+    return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
 def _render_chat(state: ServerState, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    if sum(len(m["content"]) for m in messages) > state.max_prompt_chars:
+        raise APIError(400, f"the messages are longer than any {state.engine.max_model_len:,}-token context can "
+                            f"hold; shorten them", param="messages", code="context_length_exceeded")
     try:
         return state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except CubelmError as e:
@@ -228,7 +185,7 @@ async def _generate(state: ServerState, req, request: Request, client: str, prom
         params = req.sampling_params(max_tokens, logprobs)
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from None
-    timeout = state.o.request_timeout
+    timeout = state.options.request_timeout
     job = Job(chat=chat, request_id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_name,
               prompts=prompts, params=params, stream=req.stream, include_usage=req.include_usage,
               received=received, deadline=received + timeout if timeout else None)
@@ -264,7 +221,9 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body(f"the request body is not valid JSON ({err.get('msg')})",
                                            "invalid_request_error"), status_code=400)
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # keep field names and list indices; drop pydantic's union-branch labels ("function-after[...]", "str")
+        loc = [str(x) for x in err.get("loc", ()) if isinstance(x, int) or (
+            str(x).isidentifier() and x not in ("body", "str", "int", "float", "bool", "list", "dict"))]
         param = ".".join(loc) or None
         where = f"{param}: " if param else ""
         return JSONResponse(error_body(f"invalid request: {where}{err.get('msg')}", "invalid_request_error", param),

@@ -41,6 +41,12 @@ class ServeOptions:
     num_blocks: int | None = opt(None, help="KV-cache blocks (overrides --kv-cache-memory)")
     max_num_seqs: int = opt(64, help="sequences in one batch at most")
     max_model_len: int | None = opt(None, help="context length to serve; default: the model's")
+    max_n: int = opt(128, help="most completions one request may ask for per prompt (n); more is a 400")
+    max_request_bytes: int = opt(16 * 2**20, help="largest request body accepted; larger is a 413")
+    device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ... (the CPU decode layout and native kernels "
+                                  "are used on CPU only)")
+    dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
+                                  "float16")
     log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
     access_log: bool = opt(False, help="log every HTTP request")
 
@@ -49,6 +55,11 @@ class ServeOptions:
             raise CubelmError(f"--port must be in 1..65535, got {self.port}")
         if self.max_pending_requests < 1:
             raise CubelmError(f"--max-pending-requests must be >= 1, got {self.max_pending_requests}")
+        from cubelm.engine.params import MAX_N
+        if not 1 <= self.max_n <= MAX_N:
+            raise CubelmError(f"--max-n must be in 1..{MAX_N}, got {self.max_n}")
+        if self.max_request_bytes < 1024:
+            raise CubelmError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_batch_delay_ms < 0 or self.request_timeout < 0 or self.shutdown_timeout < 0:
             raise CubelmError("--max-batch-delay-ms, --request-timeout and --shutdown-timeout must be >= 0")
 
@@ -57,10 +68,14 @@ def run_serve(o: ServeOptions) -> int:
     import uvicorn
 
     from cubelm.engine.commands import resolve_model_dir
-    from cubelm.serve.app import ServerState, create_app
+    from cubelm.model.hf_io import resolve_device, resolve_dtype
+    from cubelm.serve.app import create_app
     from cubelm.serve.server import DrainingServer
+    from cubelm.serve.state import ServerState
 
+    _log_to_stderr()
     path = resolve_model_dir(o.model)
+    resolve_dtype(o.dtype, resolve_device(o.device))  # a bad --device/--dtype fails now, not in the load thread
     o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name)
     state = ServerState(o)
     if state.limiter is not None:
@@ -74,4 +89,19 @@ def run_serve(o: ServeOptions) -> int:
     server.run()
     if state.load_error is not None:
         raise CubelmError(f"could not load the model from {path}: {state.load_error}")
+    if state.engine_error is not None:  # non-zero, so that a supervisor restarts the server
+        print(f"[cubelm] exiting with status 1: the engine failed ({type(state.engine_error).__name__}: "
+              f"{state.engine_error})", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _log_to_stderr() -> None:
+    """cubelm's own log records (engine failures with their tracebacks) go to stderr next to uvicorn's."""
+    import logging
+    logger = logging.getLogger("cubelm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[cubelm] %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -79,8 +79,9 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self.request_rejected.labels(self.model_name, reason).inc()
 
-    def observe_finished(self, out, received: float, finished: float) -> None:
-        """Record one finished request (a ``RequestOutput``); ``received`` / ``finished`` are monotonic times."""
+    def observe_finished(self, out, received: float, finished: float, num_tokens: int) -> None:
+        """Record one finished request (a ``RequestOutput``) that generated ``num_tokens``; ``received`` /
+        ``finished`` are monotonic times."""
         m, name = out.metrics, self.model_name
         # one count per request, as vLLM does (with n > 1, the first sequence's reason)
         self.request_success.labels(name, out.outputs[0].finish_reason or "abort").inc()
@@ -92,6 +93,5 @@ class ServerMetrics:
         times = sorted(m.token_times)
         for a, b in zip(times, times[1:]):
             self.itl.labels(name).observe(b - a)
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
         if num_tokens > 1:
             self.tpot.labels(name).observe(max(0.0, (finished - received - ttft) / (num_tokens - 1)))

@@ -4,7 +4,8 @@ uvicorn on its own closes the listening socket at the first SIGTERM, so ``/ready
 re-raises the signal on exit, so the process ends with -15 instead of 0. Here the first SIGTERM (or Ctrl-C) starts
 a drain instead: ``/ready`` answers 503 so the load balancer stops sending traffic, new work gets 503, in-flight
 requests run to completion for up to ``--shutdown-timeout`` seconds (the rest end with a clear error), then uvicorn
-shuts down normally and the process exits 0. A second Ctrl-C forces the exit.
+shuts down normally and the process exits 0. A second Ctrl-C forces the exit. When the engine loop dies, the
+same drain starts by itself (its streams have already failed, so it is quick) and ``cubelm serve`` exits 1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import sys
 
 import uvicorn
+
+ENGINE_FAILURE_GRACE_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,10 +48,16 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         await self.state.drain(self.shutdown_timeout)
+        if self.state.engine_error is not None:
+            # keep answering 503 (with Retry-After) a moment, so readiness probes and clients see a clear refusal
+            # and the load balancer drops this pod before its connections start being refused
+            await asyncio.sleep(min(self.shutdown_timeout, ENGINE_FAILURE_GRACE_S))
         print("[cubelm] drained; shutting down", file=sys.stderr, flush=True)
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.state.load_error is not None:
             return True
+        if self.state.engine_error is not None and self._drain_task is None:
+            self._start_drain("engine failure")
         return await super().on_tick(counter)

@@ -14,10 +14,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cubelm.engine.async_engine import QueueFull
+from cubelm.engine.async_engine import EngineDead, QueueFull, RequestFailed
 from cubelm.serve.errors import APIError, error_body
 from cubelm.serve.protocol import now_s, usage
-from cubelm.serve.streaming import DONE, ChoiceDeltas, sse
+from cubelm.serve.streaming import DONE, ChoiceProgress, sse
 
 
 @dataclass(slots=True, kw_only=True)
@@ -39,7 +39,8 @@ class Job:
 
 
 class EngineRequest:
-    """One submitted engine request; iterating ``outputs`` yields cumulative ``RequestOutput``s."""
+    """One submitted engine request; iterating ``outputs`` yields its ``RequestOutput``s (deltas when streaming,
+    one final output otherwise)."""
 
     def __init__(self, llm, prompt_ids: list[int], params, request_id: str, deadline: float | None,
                  live: set | None = None):
@@ -93,6 +94,9 @@ def submit_all(llm, job: Job, live: set | None = None) -> list[EngineRequest]:
         _abort(reqs)
         raise APIError(503, f"the server is at capacity ({e}); retry shortly", type="server_overloaded",
                        code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineDead as e:
+        _abort(reqs)
+        raise engine_error(e) from None
     except ValueError as e:
         _abort(reqs)
         raise APIError(400, str(e), param="prompt") from None
@@ -134,6 +138,14 @@ async def merged(reqs: list[EngineRequest]) -> AsyncIterator[tuple[int, object]]
         _abort(reqs)
 
 
+def engine_error(e: Exception) -> APIError:
+    """A request the engine failed (500: a server bug, the request may be retried) or a dead engine (503)."""
+    if isinstance(e, EngineDead):
+        return APIError(503, f"{e}; retry on another replica", type="server_error", code="engine_dead",
+                        headers={"Retry-After": "1"})
+    return APIError(500, str(e), type="server_error", code="generation_failed")
+
+
 def deadline_error(job: Job, timeout: float) -> APIError:
     return APIError(504, f"request {job.request_id} exceeded the server's time limit of {timeout:g} s "
                          f"(--request-timeout) and was aborted; lower max_tokens or retry later",
@@ -149,15 +161,19 @@ class Responder:
 
     # ---- non-streaming --------------------------------------------------------------------------------------
     async def collect(self, reqs: list[EngineRequest]) -> dict:
+        """Non-streaming: the engine sends each request's output once, when it finishes (output_kind "final")."""
         finals: dict[int, object] = {}
         try:
             async for p, out in merged(reqs):
                 if out.finished:
                     finals[p] = out
-                    self.metrics.observe_finished(out, self.job.received, time.monotonic())
+                    self.metrics.observe_finished(out, self.job.received, time.monotonic(),
+                                                  sum(len(c.token_ids) for c in out.outputs))
         except DeadlineExceeded:
             self.metrics.rejected("timeout")
             raise deadline_error(self.job, self.timeout) from None
+        except (RequestFailed, EngineDead) as e:
+            raise engine_error(e) from None
         finally:
             _abort(reqs)  # NOTE: explicit, so a cancelled (disconnected) request frees its blocks now, not at GC
         choices, num_out = [], 0
@@ -180,9 +196,9 @@ class Responder:
 
     # ---- streaming ------------------------------------------------------------------------------------------
     async def stream(self, reqs: list[EngineRequest]) -> AsyncIterator[str]:
+        """Streaming: the engine sends deltas (output_kind "delta"), passed on as they come."""
         job = self.job
-        deltas = ChoiceDeltas(job.num_choices)
-        num_out = 0
+        sent = ChoiceProgress(job.num_choices)
         try:
             if job.chat:
                 for i in range(job.num_choices):
@@ -190,23 +206,30 @@ class Responder:
             async for p, out in merged(reqs):
                 for c in out.outputs:
                     i = p * job.params.n + c.index
-                    text, lps, finished = deltas.advance(i, c)
-                    if text or lps:
-                        yield sse(self._chunk(i, text, lps=lps, offset=deltas.text_len[i] - len(text)))
-                    if finished:
-                        num_out += len(c.token_ids)
+                    if sent.finished[i]:
+                        continue
+                    if c.text or c.logprobs:
+                        yield sse(self._chunk(i, c.text, lps=c.logprobs, offset=sent.text_len[i]))
+                    sent.text_len[i] += len(c.text)
+                    sent.num_tokens[i] += len(c.token_ids)
+                    if c.finish_reason is not None:
+                        sent.finished[i] = True
                         yield sse(self._chunk(i, None, finish_reason=_finish_reason(c)))
                 if out.finished:
-                    self.metrics.observe_finished(out, job.received, time.monotonic())
+                    n = job.params.n
+                    self.metrics.observe_finished(out, job.received, time.monotonic(),
+                                                  sum(sent.num_tokens[p * n:(p + 1) * n]))
             if job.include_usage:
                 yield sse({**self._envelope(), "choices": [],
-                           "usage": usage(sum(len(ids) for ids in job.prompts), num_out)})
+                           "usage": usage(sum(len(ids) for ids in job.prompts), sum(sent.num_tokens))})
         except DeadlineExceeded:
             self.metrics.rejected("timeout")
             e = deadline_error(job, self.timeout)
             yield sse(error_body(e.message, e.type, code=e.code))
         except APIError as e:
             yield sse(e.body())
+        except (RequestFailed, EngineDead) as e:
+            yield sse(engine_error(e).body())
         except Exception as e:  # noqa: BLE001 - the headers are sent; tell the client in-band
             yield sse(error_body(f"generation failed: {e}", "server_error"))
         finally:

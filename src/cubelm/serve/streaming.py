@@ -6,8 +6,8 @@ chunk), then the ``usage`` chunk (``choices: []``) when ``stream_options.include
 ``data: [DONE]``. An error after the headers were sent arrives as a ``data: {"error": {...}}`` event followed by
 ``[DONE]``, which the ``openai`` client raises as an ``APIError``.
 
-Deltas are ``text[len(sent):]``: the engine's cumulative text already holds back a tail that could still become a
-stop string, so text once sent never has to be taken back.
+The engine emits deltas (new text, token ids and logprobs per step) and already holds back a tail that could
+still become a stop string, so text once sent never has to be taken back.
 """
 
 from __future__ import annotations
@@ -70,21 +70,10 @@ async def _no_receive():
     await asyncio.Event().wait()
 
 
-class ChoiceDeltas:
-    """What has been sent so far for each choice: text length, logprob count, whether it finished."""
+class ChoiceProgress:
+    """What a stream has sent for each choice: characters (for logprob text offsets), tokens, whether it ended."""
 
     def __init__(self, num_choices: int):
         self.text_len = [0] * num_choices
-        self.num_logprobs = [0] * num_choices
+        self.num_tokens = [0] * num_choices
         self.finished = [False] * num_choices
-
-    def advance(self, index: int, completion) -> tuple[str, list, bool]:
-        """(new text, new logprobs, just finished) for one ``CompletionOutput``."""
-        text = completion.text[self.text_len[index]:] if len(completion.text) > self.text_len[index] else ""
-        self.text_len[index] = max(self.text_len[index], len(completion.text))
-        lps = completion.logprobs or []
-        new_lps = lps[self.num_logprobs[index]:]
-        self.num_logprobs[index] = len(lps)
-        just_finished = completion.finish_reason is not None and not self.finished[index]
-        self.finished[index] = self.finished[index] or just_finished
-        return text, new_lps, just_finished

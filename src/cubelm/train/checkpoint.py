@@ -122,13 +122,19 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def is_sharded(path: Path) -> bool:
+    """Written by a distributed run: a ``dcp/`` directory of shards (``cubelm.parallel.checkpoint``)."""
+    return (path / "dcp").is_dir()
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
-    """Restore model, optimizer and RNG in place; return the trainer state and the saved training config."""
+    """Restore model, optimizer and RNG in place from a single-process checkpoint; return the trainer state and
+    the saved training config."""
     from cubelm.model.hf_io import load_state_dict
 
-    if (path / "dcp").is_dir():  # written by a distributed run: sharded, loadable on any world size
-        from cubelm.parallel.checkpoint import load_sharded_checkpoint
-        return load_sharded_checkpoint(path, model, optimizer)
+    if is_sharded(path):
+        raise CubelmError(f"{path} is a sharded checkpoint from a distributed run; load it with "
+                          f"cubelm.parallel.checkpoint.load_sharded_checkpoint (cubelm train --resume does)")
     try:
         meta = json.loads((path / STATE_NAME).read_text())
         model_state = load_state_dict(path)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from cubelm.errors import CubelmError
 from cubelm.train.batches import IGNORE_INDEX, WindowSampler
-from cubelm.train.checkpoint import (TrainerState, list_checkpoints, load_checkpoint, mark_best, prune,
+from cubelm.train.checkpoint import (TrainerState, is_sharded, list_checkpoints, load_checkpoint, mark_best, prune,
                                      save_checkpoint, sweep_incomplete)
 from cubelm.train.config import TrainConfig
-from cubelm.train.metrics import MetricsLog, bits_per_byte, plot_curves
+from cubelm.eval.bpb import bits_per_byte
+from cubelm.train.metrics import MetricsLog, plot_curves
 from cubelm.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -107,6 +108,9 @@ class Trainer:
         self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
 
     def _load(self, path: Path) -> tuple[TrainerState, dict]:
+        if is_sharded(path):  # from a distributed run: the shards load on any world size, this one included
+            from cubelm.parallel.checkpoint import load_sharded_checkpoint
+            return load_sharded_checkpoint(path, self.model, self.optimizer)
         return load_checkpoint(path, self.model, self.optimizer)
 
     def _autocast(self):
@@ -151,10 +155,11 @@ class Trainer:
                 "val_bpb": bits_per_byte(loss_sum, nbytes), "val_tokens": tokens}
 
     def sample(self, prompt: str = "def ", max_new_tokens: int = 64) -> str:
-        from cubelm.engine.reference import GenerationConfig, generate_tokens
+        from cubelm.engine.params import SamplingParams
+        from cubelm.engine.reference import generate_tokens
         self.model.eval()
         ids = self.tokenizer.encode(prompt)
-        gen = GenerationConfig(temperature=0.8, top_k=50, seed=0, max_new_tokens=max_new_tokens)
+        gen = SamplingParams(temperature=0.8, top_k=50, seed=0, max_tokens=max_new_tokens)
         out = list(generate_tokens(self.model, ids, gen))
         self.model.train()
         return prompt + self.tokenizer.decode(out)

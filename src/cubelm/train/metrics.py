@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 
@@ -57,7 +56,3 @@ def plot_curves(records: list[dict], png: Path) -> Path | None:
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
-
-
-def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
-    return loss_sum_nats / math.log(2) / max(1, num_bytes)

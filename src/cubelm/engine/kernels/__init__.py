@@ -7,6 +7,11 @@ machines never loads code built for another CPU), writing to a temporary file an
 concurrent first uses are safe. When there is no compiler, or ``CUBELM_KERNELS=0``, ``load`` returns ``None`` and
 callers keep their pure-PyTorch path: kernels are an optimization, never a requirement.
 
+Compiling and linking are two steps on purpose: ``-ffast-math`` on the link line makes gcc (before 13) add
+``crtfastmath.o``, whose constructor sets flush-to-zero/denormals-are-zero for the *whole process* as soon as the
+library loads: every later float operation in Python, NumPy and PyTorch would silently lose subnormals. So
+``-ffast-math`` only reaches the compile step.
+
 OpenMP: the library links ``libgomp.so.1``; loaded into a process that already has PyTorch's copy, the dynamic
 linker resolves that soname to it, so kernels and ATen share one thread pool.
 """
@@ -23,7 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]  # compile step only
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -55,15 +61,18 @@ def _compile(src: Path, out: Path) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
+    obj = tmp.removesuffix(".so") + ".o"
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"{cc} failed: {proc.stderr.strip()[-500:]}"
+        for cmd in ([cc, *_FLAGS, "-c", str(src), "-o", obj], [cc, *_LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                return f"{cc} failed: {proc.stderr.strip()[-500:]}"
         os.replace(tmp, out)
         return None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def load(name: str) -> ctypes.CDLL | None:
@@ -74,7 +83,8 @@ def load(name: str) -> ctypes.CDLL | None:
         if name in _loaded:
             return _loaded[name]
         src = Path(__file__).with_name(f"{name}.c")
-        key = hashlib.sha256(src.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+        flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
+        key = hashlib.sha256(src.read_bytes() + flags + _cpu_flags().encode()).hexdigest()[:16]
         lib_path = cache_dir() / f"{name}-{key}.so"
         lib = None
         try:
