@@ -72,7 +72,7 @@ class AsyncLLM:
         return stream
 
     def engine_validate(self, prompt, params: SamplingParams) -> list[int]:
-        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.engine.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         self.engine._validate(ids, params)
         return ids
 

@@ -49,7 +49,7 @@ def run_generate(o: GenerateOptions) -> int:
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.engine.detokenize import IncrementalDetokenizer
     from cubelm.engine.reference import GenerationConfig, GenerationResult, generate_tokens
-    from cubelm.model.hf_io import load_model
+    from cubelm.model.hf_io import load_model, stop_token_ids
 
     gen = GenerationConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
                            top_p=o.top_p, seed=o.seed, ignore_eos=o.ignore_eos)
@@ -65,10 +65,12 @@ def run_generate(o: GenerateOptions) -> int:
     from cubelm.engine.decode_layout import apply_decode_layout
     apply_decode_layout(model)  # inference only: same logits, ~1.7x faster one-token steps on CPU
     tok = load_tokenizer(model_dir)
-    prompt_ids = tok.encode(o.prompt)
+    prompt_ids = tok.encode(o.prompt, add_special_tokens=True)  # a completion: Llama's <s> and the like
+    model.config.eos_token_id = stop_token_ids(model_dir, tok.eos_token_id)  # the reference generator stops on these
     print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
           f"{time.perf_counter() - t0:.1f}s; prompt {len(prompt_ids)} tokens", file=sys.stderr)
-    detok, result = IncrementalDetokenizer(tok.decode), GenerationResult([], "length")
+    detok = IncrementalDetokenizer.for_tokenizer(tok, prompt_ids, skip_special_tokens=False)
+    result = GenerationResult([], "length")
     t1 = time.perf_counter()
     sys.stdout.write(o.prompt)
     for token_id in generate_tokens(model, prompt_ids, gen, result):

@@ -165,7 +165,8 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_available()
         state.check_model(req.model)
         req.check_unsupported()
-        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+        prompts = [state.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+                   for p in req.prompts()]
         return await _generate(state, req, request, client, prompts, chat=False,
                                max_tokens=req.max_tokens, logprobs=req.logprobs)
 
@@ -174,7 +175,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_available()
         state.check_model(req.model)
         req.check_unsupported()
-        ids = state.tokenizer.encode(_render_chat(state, req.chat_messages()))
+        ids = state.tokenizer.encode(_render_chat(state, req.chat_messages()), add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(state, req, request, client, [ids], chat=True,
                                max_tokens=req.requested_max_tokens(), logprobs=logprobs)
@@ -185,10 +186,12 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = req.prompt if req.prompt is not None else _render_chat(
-            state, [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages],
-            req.add_generation_prompt)
-        ids = state.tokenizer.encode(text)
+        if req.prompt is not None:  # as a completion prompt: with the tokenizer's special tokens
+            ids = state.tokenizer.encode(req.prompt, add_special_tokens=True)
+        else:  # the template writes the special tokens itself
+            ids = state.tokenizer.encode(_render_chat(
+                state, [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages], req.add_generation_prompt), add_special_tokens=False)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize", summary="Text of token ids")
