@@ -93,6 +93,19 @@ def test_completion_matches_transformers(case):
         assert any(t in case.llm.get_tokenizer().byte_fallback_ids for o in outs for t in o.outputs[0].token_ids)
 
 
+def test_text_is_exact_wherever_generation_ends(case):
+    """Ending after every length 1..N: text held back for an unfinished character (or byte-fallback run) is
+    released at the end, so the text is the tokenizer's continuation even when it ends mid-character."""
+    prompt = PROMPTS[2]
+    ids = case.hf_tok(prompt)["input_ids"]
+    expected, _ = argmax_tokens(case.hf, ids, N)
+    params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in range(1, N + 1)]
+    outs = case.llm.generate([prompt] * N, params, use_tqdm=False)
+    for k, out in enumerate(outs, 1):
+        assert out.outputs[0].token_ids == expected[:k]
+        assert out.outputs[0].text == continuation(case.hf_tok, ids, expected[:k])
+
+
 def test_chat_prompt_equals_apply_chat_template(case):
     tok = case.llm.get_tokenizer()
     ids = tok.encode(tok.apply_chat_template(CHAT), add_special_tokens=False)
