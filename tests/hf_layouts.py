@@ -246,7 +246,7 @@ def _sentencepiece_bpe():
     return tok
 
 
-def _byte_level_bpe(pattern: str, *, nfc: bool, vocab_size: int, ignore_merges: bool):
+def _byte_level_bpe(pattern: str, *, nfc: bool, trim_offsets: bool, vocab_size: int, ignore_merges: bool):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -254,7 +254,7 @@ def _byte_level_bpe(pattern: str, *, nfc: bool, vocab_size: int, ignore_merges: 
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=not nfc, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=trim_offsets, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -289,7 +289,7 @@ def _mistral_tokenizer(out: Path) -> tuple[int, dict]:
 def _llama3_tokenizer(out: Path) -> tuple[int, dict]:
     from tokenizers import AddedToken, processors
 
-    tok = _byte_level_bpe(LLAMA3_PATTERN, nfc=False, vocab_size=500, ignore_merges=True)
+    tok = _byte_level_bpe(LLAMA3_PATTERN, nfc=False, trim_offsets=True, vocab_size=500, ignore_merges=True)
     base = tok.get_vocab_size()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
     bos = base  # <|begin_of_text|>
@@ -313,7 +313,7 @@ def _llama3_tokenizer(out: Path) -> tuple[int, dict]:
 def _qwen2_tokenizer(out: Path) -> tuple[int, dict]:
     from tokenizers import AddedToken, processors
 
-    tok = _byte_level_bpe(QWEN2_PATTERN, nfc=True, vocab_size=480, ignore_merges=False)
+    tok = _byte_level_bpe(QWEN2_PATTERN, nfc=True, trim_offsets=False, vocab_size=480, ignore_merges=False)
     base = tok.get_vocab_size()
     tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN2_ADDED])
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)

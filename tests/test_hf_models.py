@@ -172,3 +172,20 @@ def test_stops_on_every_eos_id(case, tmp_path, capsys):
         printed = capsys.readouterr()
         assert printed.out == PROMPTS[1] + continuation(case.hf_tok, ids, expected, skip=False) + "\n"
         assert f"{len(expected)} tokens" in printed.err and "finish_reason=stop" in printed.err
+
+
+def test_stop_ids_come_from_generation_config_else_config(tmp_path):
+    from cubelm.errors import CubelmError
+    from cubelm.model.hf_io import stop_token_ids
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert stop_token_ids(tmp_path, 7) == [5, 7]  # no generation_config.json: config.json's, plus the tokenizer's
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 8, 9]}))
+    assert stop_token_ids(tmp_path, 8) == [9, 8]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert stop_token_ids(tmp_path, None) == [3]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(CubelmError, match="generation_config.json: eos_token_id must be a token id"):
+        stop_token_ids(tmp_path)
