@@ -71,6 +71,9 @@ def get_tokenizer(docs_path: Path, out_dir: Path, config: PrepareConfig) -> Toke
     target = out_dir / "tokenizer"
     if config.tokenizer_dir:
         tokenizer = load_tokenizer(config.tokenizer_dir)
+        if tokenizer.eos_token_id is None:
+            raise CubelmError(f"the tokenizer in {config.tokenizer_dir} has no EOS token (eos_token in "
+                              "tokenizer_config.json), which separates packed documents; use one that has")
         source = Path(config.tokenizer_dir)
         if source.resolve() != target.resolve():
             target.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,15 @@
-"""Byte-level BPE tokenizer: training, saving in Hugging Face format, loading, chat template, statistics.
+"""Tokenizers: one interface over any Hugging Face ``tokenizer.json``, and the byte-level BPE cubelm trains.
 
-Byte-level (GPT-2 style): text is split into bytes mapped to 256 printable symbols, so any string encodes
-without an unknown token and ``decode(encode(text)) == text`` exactly, whitespace, indentation and non-ASCII
-included. No normalizer runs inside the tokenizer (cleaning normalizes the corpus), because one would break that
+``load_tokenizer(dir)`` reads a model's tokenizer as transformers 5 does (``cubelm.data.tokenizer_files``): the
+``tokenizers`` pipeline from ``tokenizer.json``, special tokens and settings from ``tokenizer_config.json`` & co.,
+the chat template from ``chat_template.jinja`` or the config (rendered in a Jinja sandbox by
+``cubelm.data.chat_template``). ``encode(text)`` adds no special tokens (data preparation relies on it);
+``encode(text, add_special_tokens=True)`` adds what the tokenizer adds to a prompt (Llama's ``<s>``, for
+completions); a rendered chat template is encoded without adding any (it writes them itself).
+
+cubelm's own tokenizer is byte-level (GPT-2 style): text is split into bytes mapped to 256 printable symbols, so
+any string encodes without an unknown token and ``decode(encode(text)) == text`` exactly, whitespace, indentation
+and non-ASCII included. No normalizer runs inside it (cleaning normalizes the corpus), because one would break that
 round trip. Special tokens get ids 0..5 in this order: ``<|bos|> <|eos|> <|pad|> <|user|> <|assistant|>
 <|system|>``. A saved directory holds ``tokenizer.json``, ``tokenizer_config.json`` (``PreTrainedTokenizerFast``,
 special tokens, ``model_max_length``, a Jinja ``chat_template``) and ``special_tokens_map.json``, so
@@ -26,6 +33,7 @@ from cubelm.errors import CubelmError
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLES = ("user", "assistant", "system")
 SPECIAL_TOKENS = (BOS, EOS, PAD, *(f"<|{role}|>" for role in ROLES))
+CUBELM_SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 NUM_BYTE_TOKENS = 256
 MIN_VOCAB_SIZE = NUM_BYTE_TOKENS + len(SPECIAL_TOKENS)
 
@@ -70,28 +78,57 @@ class TokenizerConfig:
 
 
 class Tokenizer:
-    """A thin wrapper over ``tokenizers.Tokenizer`` with cubelm's special tokens and chat template."""
+    """One tokenizer interface over ``tokenizers.Tokenizer``, for tokenizers cubelm trains and any Hugging Face one.
 
-    def __init__(self, backend, *, model_max_length: int = 2048, sha256: str | None = None) -> None:
+    ``special_tokens`` names the tokenizer's special tokens (``bos_token``, ``eos_token``, ``pad_token``, ...; a
+    chat template sees them as variables); without it, a tokenizer holding cubelm's six special tokens gets
+    cubelm's names and chat template. ``add_bos_token``/``add_eos_token`` apply only when the backend has no
+    post-processor (otherwise the post-processor decides, see ``cubelm.data.tokenizer_files``).
+    """
+
+    def __init__(self, backend, *, model_max_length: int = 2048, sha256: str | None = None,
+                 special_tokens: dict[str, str] | None = None, chat_template: str | dict[str, str] | None = None,
+                 add_bos_token: bool = False, add_eos_token: bool = False, name: str = "this tokenizer") -> None:
         self.backend = backend
         self.model_max_length = model_max_length
         self.sha256 = sha256 or hashlib.sha256(self._json().encode()).hexdigest()
+        self.name = name
         ids = [backend.token_to_id(t) for t in SPECIAL_TOKENS]
-        if None in ids:
-            raise CubelmError(f"tokenizer lacks cubelm's special tokens {', '.join(SPECIAL_TOKENS)}; "
-                              "train one with 'cubelm tokenizer train'")
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = ids[:3]
-        self.role_token_ids = dict(zip(ROLES, ids[3:]))
+        self.is_cubelm = None not in ids
+        if special_tokens is None:
+            special_tokens = dict(CUBELM_SPECIAL_TOKENS) if self.is_cubelm else {}
+            chat_template = CHAT_TEMPLATE if self.is_cubelm and chat_template is None else chat_template
+        if "pad_token" not in special_tokens and backend.padding:  # transformers takes it from the padding config
+            special_tokens = {**special_tokens, "pad_token": backend.padding["pad_token"]}
+        self.special_tokens = dict(special_tokens)
+        self.chat_template = chat_template
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = (
+            self.token_to_id(special_tokens.get(f"{n}_token")) for n in ("bos", "eos", "pad", "unk"))
+        self.role_token_ids = dict(zip(ROLES, ids[3:])) if self.is_cubelm else {}
+        added = backend.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)  # what skip_special_tokens drops
+        self.byte_fallback_ids = _byte_fallback_ids(backend)
+        # a backend without a post-processor gets the config's BOS/EOS around completion prompts
+        no_post = backend.post_processor is None
+        self._prefix = [self.bos_token_id] if no_post and add_bos_token and self.bos_token_id is not None else []
+        self._suffix = [self.eos_token_id] if no_post and add_eos_token and self.eos_token_id is not None else []
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``. ``add_special_tokens=True`` adds what the tokenizer adds to a prompt (Llama's
+        ``<s>``), as for completions; the default adds nothing (data preparation, rendered chat templates)."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._prefix + ids + self._suffix if add_special_tokens else ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        encs = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [self._prefix + e.ids + self._suffix if add_special_tokens else e.ids for e in encs]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's (start, end) character span in ``text``. A character split across
@@ -100,15 +137,34 @@ class Tokenizer:
         return enc.ids, [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; ids outside the vocabulary (a model's padded output rows) decode to nothing."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
+                            tools: list | None = None, documents: list | None = None,
+                            chat_template: str | None = None, **kwargs) -> str:
+        """The prompt text for ``messages``, rendered as transformers renders it (encode it without adding special
+        tokens: the template writes them). ``chat_template`` is a template name or text; ``kwargs`` reach the
+        template as variables."""
+        from cubelm.data import chat_template as jinja
+
+        if self.chat_template == CHAT_TEMPLATE and chat_template is None and not (tools or documents or kwargs):
+            return render_chat(messages, add_generation_prompt)  # cubelm's own: the same text, without Jinja
+        templates = self.chat_template
+        if chat_template is not None and not (isinstance(templates, dict) and chat_template in templates):
+            templates, chat_template = chat_template, None  # the text of a template, not a name
+        template = jinja.select_template(templates, name=chat_template, tools=tools, where=self.name)
+        return jinja.render(template, messages, add_generation_prompt=add_generation_prompt,
+                            special_tokens=self.special_tokens, tools=tools, documents=documents, **kwargs)
 
     def _json(self) -> str:
         return self.backend.to_str(pretty=True)
 
     def save(self, out_dir: str | Path) -> Path:
+        """Write a tokenizer cubelm trained as a Hugging Face tokenizer directory."""
+        if not self.is_cubelm:
+            raise CubelmError("only tokenizers cubelm trains can be saved this way; copy the tokenizer files of "
+                              "other models as they are")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "tokenizer.json").write_text(self._json(), encoding="utf-8")
@@ -120,6 +176,14 @@ class Tokenizer:
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special)
         return out
+
+
+def _byte_fallback_ids(backend) -> frozenset[int]:
+    """Ids of the ``<0x00>``..``<0xFF>`` pieces a byte-fallback model spells unknown characters with."""
+    if not getattr(backend.model, "byte_fallback", False):
+        return frozenset()
+    ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return frozenset(i for i in ids if i is not None)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -150,22 +214,29 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer directory written by ``Tokenizer.save`` (or any compatible ``tokenizer.json``)."""
+    """Load the tokenizer of a model or tokenizer directory (any Hugging Face ``tokenizer.json`` with its
+    ``tokenizer_config.json`` & co., a directory written by ``Tokenizer.save``), or a ``tokenizer.json`` file."""
     from tokenizers import Tokenizer as Backend
 
+    from cubelm.data.tokenizer_files import find_tokenizer_json, read_settings
+
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() or not path.suffix else path
-    if not file.is_file():
-        raise CubelmError(f"no tokenizer.json in {path}; train one with 'cubelm tokenizer train --out {path}' "
-                          "or pass the directory that holds it")
+    file = find_tokenizer_json(path)
     text = file.read_text(encoding="utf-8")
     try:
         backend = Backend.from_str(text)
     except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
-        raise CubelmError(f"{file} is not a valid tokenizer.json ({str(e)[:80]}); retrain it") from None
-    config_file = file.parent / "tokenizer_config.json"
-    max_len = json.loads(config_file.read_text()).get("model_max_length", 2048) if config_file.is_file() else 2048
-    return Tokenizer(backend, model_max_length=int(max_len), sha256=hashlib.sha256(text.encode()).hexdigest())
+        raise CubelmError(f"{file} is not a valid tokenizer.json ({str(e)[:80]}); copy it again from the model's "
+                          "repository or retrain it") from None
+    settings = read_settings(file.parent)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    if settings is None:  # a bare tokenizer.json: cubelm's tokens if it has them, else no named special tokens
+        return Tokenizer(backend, sha256=sha, name=str(file.parent))
+    backend.encode_special_tokens = settings.split_special_tokens
+    return Tokenizer(backend, model_max_length=settings.model_max_length, sha256=sha,
+                     special_tokens=settings.special_tokens, chat_template=settings.chat_template,
+                     add_bos_token=settings.add_bos_token, add_eos_token=settings.add_eos_token,
+                     name=str(file.parent))
 
 
 # ---- statistics -------------------------------------------------------------------------------------------

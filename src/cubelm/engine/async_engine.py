@@ -87,7 +87,9 @@ class AsyncLLM:
         return stream
 
     def engine_validate(self, prompt, params: SamplingParams) -> list[int]:
-        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            prompt = self.engine.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
         self.engine._validate(ids, params)
         return ids
 

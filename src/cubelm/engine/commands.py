@@ -48,7 +48,7 @@ def run_generate(o: GenerateOptions) -> int:
     from cubelm.engine.detokenize import IncrementalDetokenizer
     from cubelm.engine.params import SamplingParams
     from cubelm.engine.reference import GenerationResult, generate_tokens
-    from cubelm.model.hf_io import load_model, resolve_device
+    from cubelm.model.hf_io import load_model, resolve_device, stop_token_ids
 
     params = SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             seed=o.seed, ignore_eos=o.ignore_eos)
@@ -59,13 +59,15 @@ def run_generate(o: GenerateOptions) -> int:
     from cubelm.engine.decode_layout import apply_decode_layout
     apply_decode_layout(model)  # inference only (CPU): same logits, ~1.7x faster one-token steps
     tok = load_tokenizer(model_dir)
-    prompt_ids = tok.encode(o.prompt)
+    prompt_ids = tok.encode(o.prompt, add_special_tokens=True)  # a completion: Llama's <s> and the like
+    eos = stop_token_ids(model_dir, tok.eos_token_id)  # generation_config.json's, else config.json's, + tokenizer's
     print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
           f"{time.perf_counter() - t0:.1f}s; prompt {len(prompt_ids)} tokens", file=sys.stderr)
-    detok, result = IncrementalDetokenizer(tok.decode), GenerationResult([], "length")
+    detok = IncrementalDetokenizer.for_tokenizer(tok, prompt_ids, skip_special_tokens=False)
+    result = GenerationResult([], "length")
     t1 = time.perf_counter()
     sys.stdout.write(o.prompt)
-    for token_id in generate_tokens(model, prompt_ids, params, result):
+    for token_id in generate_tokens(model, prompt_ids, params, result, eos_token_ids=eos):
         sys.stdout.write(detok.add(token_id))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")

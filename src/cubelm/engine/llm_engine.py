@@ -75,7 +75,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode)
-        self.eos_token_ids = frozenset(cfg.eos_token_ids or ([tokenizer.eos_token_id] if tokenizer else []))
+        # from_model_dir sets generation_config.json's list; built directly: config.json's plus the tokenizer's
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.num_generated_tokens = self.num_prompt_tokens = 0
@@ -102,8 +104,11 @@ class LLMEngine:
     @classmethod
     def from_model_dir(cls, model_dir, config: EngineConfig | None = None, *, device="cpu", dtype="auto", log=None):
         from cubelm.data.tokenizer import load_tokenizer
-        from cubelm.model.hf_io import load_model
-        return cls(load_model(model_dir, device=device, dtype=dtype), load_tokenizer(model_dir), config, log=log)
+        from cubelm.model.hf_io import load_model, stop_token_ids
+        tokenizer = load_tokenizer(model_dir)
+        engine = cls(load_model(model_dir, device=device, dtype=dtype), tokenizer, config, log=log)
+        engine.eos_token_ids = frozenset(stop_token_ids(model_dir, tokenizer.eos_token_id))
+        return engine
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
@@ -111,7 +116,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise CubelmError(f"request id {request_id!r} is already in use")
-        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        text, ids = ((prompt, self.tokenizer.encode(prompt, add_special_tokens=True)) if isinstance(prompt, str)
+                     else (None, list(prompt)))
         self._validate(ids, params)
         seqs = []
         for i in range(params.n):
@@ -119,8 +125,8 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed_for(i))
             if self.tokenizer is not None:
-                seq.detok = IncrementalDetokenizer(
-                    lambda t, skip=params.skip_special_tokens: self.tokenizer.decode(t, skip_special_tokens=skip))
+                seq.detok = IncrementalDetokenizer.for_tokenizer(self.tokenizer, ids,
+                                                                 skip_special_tokens=params.skip_special_tokens)
             seqs.append(seq)
             self.scheduler.add(seq)
         req = Request(request_id, text, ids, params, seqs, RequestMetrics(time.monotonic()))
@@ -287,7 +293,9 @@ class LLMEngine:
         req.metrics.token_times.append(now)
         if token in p.stop_token_ids or (not p.ignore_eos and token in seq.eos_token_ids):
             stop_reason = token if token in p.stop_token_ids else None
-            return self._finish(seq, "stop", stop_reason)
+            if not self._flush_text(seq):
+                self._finish(seq, "stop", stop_reason)
+            return
         seq.token_ids.append(token)
         if lp is not None:
             seq.logprobs.append(lp)
@@ -298,7 +306,17 @@ class LLMEngine:
             if p.stop and self._check_stop_strings(seq, before):
                 return
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
+            if not self._flush_text(seq):
+                self._finish(seq, "length")
+
+    def _flush_text(self, seq: Sequence) -> bool:
+        """At the end, the text the detokenizer held back (an unfinished character) joins; True if it completed a
+        stop string (which finishes the sequence)."""
+        if seq.detok is None:
+            return False
+        before = len(seq.pending_text)
+        seq.pending_text += seq.detok.flush()
+        return bool(seq.params.stop) and len(seq.pending_text) > before and self._check_stop_strings(seq, before)
 
     def _check_stop_strings(self, seq: Sequence, before: int) -> bool:
         """Search the pending text only: released text is at least (longest stop - 1) characters behind the end,
@@ -317,8 +335,6 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         if seq.is_finished:
             return
-        if seq.detok is not None and reason in ("stop", "length") and not isinstance(stop_reason, str):
-            seq.pending_text += seq.detok.flush()  # an incomplete character at the very end, as decode shows it
         self.scheduler.finish(seq, reason, stop_reason)
         if self.proposer is not None:
             self.proposer.forget(seq)

@@ -94,6 +94,9 @@ def model_bpb(model, tokenizer, texts: list[str], *, context: int = 256, batch_s
     """Each document scored on its own, preceded by EOS (the separator it followed in training), in
     non-overlapping windows of ``context`` tokens that each see the previous window's last token."""
     device = next(model.parameters()).device
+    if tokenizer.eos_token_id is None:
+        raise CubelmError("bits per byte scores each document after the EOS that separated documents in training, "
+                          "but this tokenizer has no EOS token (eos_token in tokenizer_config.json)")
     windows = []
     for text in texts:
         ids = [tokenizer.eos_token_id] + tokenizer.encode(text)

@@ -127,6 +127,25 @@ def read_generation_config(model_dir: str | Path) -> dict:
         raise CubelmError(f"{path} is not valid JSON ({e})") from None
 
 
+def stop_token_ids(model_dir: str | Path, tokenizer_eos_id: int | None = None) -> list[int]:
+    """The ids that end generation: ``generation_config.json``'s ``eos_token_id`` (an int or a list; Llama-3 lists
+    ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``), else ``config.json``'s, plus the tokenizer's EOS."""
+    model_dir = Path(model_dir)
+    gen = read_generation_config(model_dir)
+    source, value = "generation_config.json", gen.get("eos_token_id") if isinstance(gen, dict) else None
+    if value is None:
+        from cubelm.model.config import read_config_json
+        source, value = "config.json", read_config_json(model_dir).eos_token_id
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CubelmError(f"{model_dir / source}: eos_token_id must be a token id or a list of token ids, "
+                          f"got {value!r}")
+    ids = list(dict.fromkeys(values))
+    if tokenizer_eos_id is not None and tokenizer_eos_id not in ids:
+        ids.append(tokenizer_eos_id)
+    return ids
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
