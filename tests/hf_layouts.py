@@ -227,8 +227,12 @@ def _sentencepiece_bpe():
 
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    # a small alphabet: rarer characters (ß, ü, “, —, emoji, CJK) must go through byte fallback
-    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, limit_alphabet=64,
+    # the alphabet is printable ASCII and ▁, as in Llama/Mistral's vocabularies: other characters (é, ß, “, —, emoji,
+    # CJK) go through byte fallback. NOTE: given explicitly, with limit_alphabet equal to its size: a limit alone
+    # keeps the most frequent characters and breaks ties in hash-map order, which differs between processes.
+    alphabet = [chr(c) for c in range(32, 127)] + ["▁"]
+    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, initial_alphabet=alphabet,
+                                                                limit_alphabet=len(alphabet),
                                                                 special_tokens=["<unk>", "<s>", "</s>"],
                                                                 show_progress=False))
     learned = json.loads(trainer_tok.to_str())["model"]

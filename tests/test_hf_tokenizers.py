@@ -56,6 +56,8 @@ def test_ids_special_tokens_and_decode_match_transformers(pair):
         for skip in (True, False):
             assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
     assert tok.encode_batch(TEXTS, add_special_tokens=True) == [hf(t)["input_ids"] for t in TEXTS]
+    ids = tok.encode("a Paris is big", add_special_tokens=False)  # logprob entries: each token's text in context
+    assert "".join(tok.token_text(t) for t in ids[1:]) == hf.decode(ids)[len(hf.decode(ids[:1])):] == " Paris is big"
     first = tok.encode("Hello", add_special_tokens=True)[0]
     assert (first == tok.bos_token_id) == (kind != "qwen2")  # <s> / <|begin_of_text|> from the post-processor
     assert bool(tok.byte_fallback_ids) == (kind == "mistral")

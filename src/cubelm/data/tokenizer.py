@@ -140,6 +140,12 @@ class Tokenizer:
         """Text of ``ids``; ids outside the vocabulary (a model's padded output rows) decode to nothing."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        """The text one token adds after other text (logprob entries show it): SentencePiece's ``▁Paris`` is
+        " Paris", whose space a lone ``decode`` drops at the start of a text."""
+        alone = self.decode([token_id])
+        return self.decode([token_id, token_id])[len(alone):]
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: list | None = None, documents: list | None = None,
                             chat_template: str | None = None, **kwargs) -> str:

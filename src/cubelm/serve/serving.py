@@ -270,7 +270,7 @@ class Responder:
                 "top_logprobs": [{decode(t): v for t, v in lp.top.items()} for lp in lps], "text_offset": offsets}
 
     def _token_text(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
+        return self.tok.token_text(token_id)
 
 
 def _finish_reason(c) -> str:
