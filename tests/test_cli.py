@@ -107,3 +107,14 @@ def test_bad_inputs(model_dir, tmp_path):
     assert_clean_error(cubelm("generate", "--model", str(garbage), "--prompt", "x"), "safetensors")
 
     assert_clean_error(cubelm("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "0"), "top_p")
+
+
+def test_serve_device_and_dtype_are_checked_before_loading(model_dir):
+    r = cubelm("serve", "--model", str(model_dir), "--device", "cuda:0" if not _cuda() else "tpu")
+    assert_clean_error(r, "device")
+    assert_clean_error(cubelm("serve", "--model", str(model_dir), "--dtype", "float8"), "dtype", "float32")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()

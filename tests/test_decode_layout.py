@@ -35,3 +35,14 @@ def test_skinny_gemm_matches_matmul(rows, K, N, block):
     w, x = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
     blocks = w.T.contiguous().view(K, N // block, block).permute(1, 0, 2).contiguous()
     torch.testing.assert_close(skinny_gemm.skinny_gemm(x, blocks), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_layout_is_cpu_only():
+    """On any other device the model is left as it is (the engine and `cubelm generate` apply it everywhere)."""
+    cfg = ModelConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=6,
+                      max_position_embeddings=64)
+    from cubelm.model.transformer import CausalLM
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    assert apply_decode_layout(model) is model
+    assert not any(isinstance(m, (BlockedLinear, FusedSlice)) for m in model.modules())
