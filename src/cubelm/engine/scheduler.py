@@ -36,7 +36,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
-        self.bm = block_manager
+        self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
@@ -61,13 +61,13 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.bm.can_append(seq, n):
+            while not self.block_manager.can_append(seq, n):
                 victim = self._youngest_unscheduled(batch, exclude=seq)
                 self._preempt(victim or seq, batch)
                 if victim is None:
                     break
             if seq.status is Status.RUNNING:
-                self.bm.append(seq, n)
+                self.block_manager.append(seq, n)
                 batch.add(seq, n)
                 budget -= n
         return budget
@@ -80,13 +80,13 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             if not seq.block_table:
-                self.bm.allocate_prefix(seq)
+                self.block_manager.allocate_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.bm.can_append(seq, n):
-                self.bm.free_seq(seq)  # give back the prefix hits; retry next step (FCFS: nobody overtakes)
+            if not self.block_manager.can_append(seq, n):
+                self.block_manager.free_seq(seq)  # give back the prefix hits; retry next step (FCFS: nobody overtakes)
                 self.waiting.appendleft(seq)
                 break
-            self.bm.append(seq, n)
+            self.block_manager.append(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
@@ -101,7 +101,7 @@ class Scheduler:
         return None
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        self.bm.free_seq(seq)
+        self.block_manager.free_seq(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -114,7 +114,7 @@ class Scheduler:
         if seq.is_finished:
             return
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
-        self.bm.free_seq(seq)
+        self.block_manager.free_seq(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
