@@ -5,7 +5,8 @@ Each step first gives every running sequence what it needs (one token for a deco
 still being prefilled), oldest first, then admits waiting sequences first-come-first-served with whatever budget
 is left, splitting long prompts into chunks. So a long prompt never stalls running decodes: they are served
 before it in every step. When the KV pool runs out, the youngest running sequence is preempted by recompute
-(blocks freed, re-queued at the head of the waiting queue, recomputed later from its prompt + output).
+(blocks freed, re-queued at the head of the waiting queue, recomputed later from its prompt + output); a step
+that preempted admits nobody.
 
 Speculative decoding (vLLM's lookahead slots): a true decode (its only uncomputed token is the last sampled one)
 also gets up to ``lookahead(seq)`` slots for draft tokens, charged to the budget and reserved in the block manager
@@ -63,7 +64,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
-        self._schedule_waiting(batch, budget)
+        if not batch.preempted:  # the pool is short: admitting now would re-admit the victim and drop its K/V
+            self._schedule_waiting(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
