@@ -40,19 +40,35 @@ def prompts(count=10, seed=0, lo=3, hi=60):
             for _ in range(count)]
 
 
-def run(model, ps, params, *, draft=None, **cfg):
+def run(model, ps, params, *, draft=None, probe=None, **cfg):
     engine = LLMEngine(model, None, EngineConfig(**{"num_blocks": 256, "block_size": 4, **cfg}), log=lambda m: None,
                        draft_model=draft)
     params = params if isinstance(params, list) else [params] * len(ps)
     for i, (p, sp) in enumerate(zip(ps, params)):
         engine.add_request(str(i), p, sp)
+    batch_tokens = record_batch_tokens(engine)
+    if probe is not None:
+        probe(engine)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out
     engine.block_manager.check_whole()
+    assert max(batch_tokens) <= engine.config.max_num_batched_tokens
     return [done[str(i)] for i in range(len(ps))], engine
+
+
+def record_batch_tokens(engine) -> list[int]:
+    """Tokens the target model runs in each step (prompt chunks, decodes and the drafts they verify)."""
+    sizes, run_model = [], engine.runner.run
+
+    def recording(seqs, num_new, **kwargs):
+        sizes.append(sum(num_new))
+        return run_model(seqs, num_new, **kwargs)
+
+    engine.runner.run = recording
+    return sizes
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -105,12 +121,13 @@ def test_chunked_prefill_does_not_stall_decodes(model):
     engine.add_request("short", [5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     engine.step()  # prefill the short one
     engine.add_request("long", list(range(3, 203)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    batch_tokens = record_batch_tokens(engine)
     for _ in range(5):  # while the 200-token prompt is chunked in, the running decode advances every step
         before = len(engine.requests["short"].seqs[0].output_token_ids)
-        batch_tokens = engine.scheduler.max_num_batched_tokens
         engine.step()
         assert len(engine.requests["short"].seqs[0].output_token_ids) == before + 1
-        assert batch_tokens == 16
+    # the decode and a 15-token chunk of the prompt: the budget is used in full and never exceeded
+    assert batch_tokens == [16] * 5
 
 
 def test_n_best_share_prompt_blocks_and_seeds(model):
@@ -179,6 +196,20 @@ def run_spec(model, ps, params, spec, draft=None, **cfg):
     return run(model, ps, params, draft=draft, speculative=SpeculativeConfig(**spec), **cfg)
 
 
+def watch_recompute_chunks_of_one(engine, counts: list[int]) -> None:
+    """Per step, count the 1-token chunks of sequences that have output but are still recomputing (after a
+    preemption): they look like decodes but are not."""
+    schedule = engine.scheduler.schedule
+
+    def watching():
+        batch = schedule()
+        counts.append(sum(n == 1 < s.num_uncomputed_tokens and s.num_output_tokens > 0
+                          for s, n in zip(batch.seqs, batch.num_new_tokens)))
+        return batch
+
+    engine.scheduler.schedule = watching
+
+
 def test_speculative_greedy_is_exact(model, draft_model):
     ps = prompts(6, seed=21)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
@@ -203,9 +234,27 @@ def test_speculative_with_preemption_and_tiny_pool(model, draft_model):
     ps = prompts(8, seed=23)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     plain, _ = run(model, ps, params)
+    # run() also checks that no step runs more tokens than the budget, drafts included (they used to bypass it)
     spec, engine = run_spec(model, ps, params, dict(method="draft", draft_model="x", num_speculative_tokens=4),
                             draft=draft_model, num_blocks=40, max_num_batched_tokens=32)
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.num_preemptions > 0 and engine.spec_proposed > 0
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_skips_one_token_chunks_of_a_recompute(model, draft_model, method):
+    # budget 2: the old request decodes one token per step (logprobs: never speculative), so once the young one is
+    # preempted it recomputes in 1-token chunks; drafts there were verified at the wrong positions
+    old = prompts(1, seed=1, lo=5, hi=6)[0]
+    young = (prompts(1, seed=2, lo=3, hi=4)[0] * 3)[:9]  # repetitive: n-gram lookup finds proposals
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)]
+    plain, _ = run(model, [old, young], params)
+    chunks = []
+    spec, engine = run_spec(model, [old, young], params, dict(method=method, draft_model="x", num_speculative_tokens=2),
+                            draft=draft_model if method == "draft" else None, num_blocks=10, max_num_batched_tokens=2,
+                            enable_prefix_caching=False, probe=lambda e: watch_recompute_chunks_of_one(e, chunks))
+    assert engine.scheduler.num_preemptions > 0 and sum(chunks) > 0 and engine.spec_proposed > 0
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
 
 

@@ -1,7 +1,10 @@
 """Paged KV cache bookkeeping: fixed-size blocks, block tables, reference counts and prefix caching.
 
-A full block is identified by a chained hash ``hash((parent_hash, its token ids))``, so equal hashes mean equal
-prefixes; a hit is still verified against the stored token ids (a hash collision must never serve wrong K/V).
+A full block is found by a chained hash ``hash((parent_hash, its token ids))``: equal prefixes, equal hashes. A
+hit is verified exactly, since a collision must never serve wrong K/V (nor let a crafted prompt read another
+request's): the block must hold the same token ids *and* follow the very block matched just before (its parent
+when its K/V were computed, not reallocated since), so by induction its whole prefix is equal; a collision costs
+at most a miss. Lookups walk from the first block, so each hash registers a block of that one reachable chain.
 Freed blocks keep their contents and hash and sit in an LRU list: a later request with the same prefix revives
 them; allocation takes the least recently freed block and forgets its hash. Pure Python, no tensors: the runner
 owns the K/V memory, this class only decides which slots a sequence uses.
@@ -21,6 +24,8 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None
+    parent: tuple[int, int] | None = None  # (block id, generation) of the block before it; None: the first block
+    generation: int = 0  # bumped whenever the block is allocated afresh (its old contents are gone)
 
 
 class BlockManager:
@@ -43,11 +48,16 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     # ---- prefix cache ----------------------------------------------------------------------------------------
+    @staticmethod
+    def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+        """The chained hash of a full block (tests override it with a colliding one)."""
+        return hash((parent_hash, token_ids))
+
     def _chain(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
         out, parent, bs = [], None, self.block_size
         for i in range(num_blocks):
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
-            parent = hash((parent, tokens))
+            parent = self.hash_block(parent, tokens)
             out.append((parent, tokens))
         return out
 
@@ -62,14 +72,24 @@ class BlockManager:
             return
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens
+        parent = None
         for block_hash, tokens in self._chain(seq.token_ids, max_blocks):
             block_id = self.hash_to_block.get(block_hash)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            if block_id is None or not self._holds(block_id, parent, tokens):
                 break
             self._ref(block_id)
             seq.block_table.append(block_id)
+            parent = self._identity(block_id)
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
         self.prefix_hits += seq.num_cached_tokens
+
+    def _identity(self, block_id: int) -> tuple[int, int]:
+        return block_id, self.blocks[block_id].generation
+
+    def _holds(self, block_id: int, parent: tuple[int, int] | None, tokens: tuple[int, ...]) -> bool:
+        """Whether the cached block holds K/V of ``tokens`` right after the verified prefix ending at ``parent``."""
+        block = self.blocks[block_id]
+        return block.token_ids == tokens and block.parent == parent
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of the sequence's blocks that became full (call after their K/V are written).
@@ -79,15 +99,36 @@ class BlockManager:
             return
         num_full, bs = seq.num_computed_tokens // self.block_size, self.block_size
         del seq.block_hashes[num_full:]  # after a rollback (speculative decoding) or a preemption
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        chain_hash = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            parent = hash((parent, tokens))
-            seq.block_hashes.append(parent)
+            chain_hash = self.hash_block(chain_hash, tokens)
+            seq.block_hashes.append(chain_hash)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None:
-                block.block_hash, block.token_ids = parent, tokens
-                self.hash_to_block.setdefault(parent, block.block_id)
+                block.block_hash, block.token_ids = chain_hash, tokens
+                block.parent = self._identity(seq.block_table[i - 1]) if i else None
+                self._register(block)
+
+    def _register(self, block: Block) -> None:
+        """Make a newly full block the one its hash finds, if lookups can reach it and the block there now cannot.
+
+        A prefix computed twice at once (two requests admitted together, or one preempted while the other went on)
+        fills two chains of equal blocks; registering whichever committed first at each depth would mix them, and
+        the parent check would then miss at the seam for good. Following the reachable chain avoids that."""
+        if not self._reachable(block.parent):
+            return
+        current = self.hash_to_block.get(block.block_hash)
+        if current is None or not self._reachable(self.blocks[current].parent):
+            self.hash_to_block[block.block_hash] = block.block_id
+
+    def _reachable(self, parent: tuple[int, int] | None) -> bool:
+        """Whether a lookup can get past ``parent``: it is the block its hash finds and still holds its contents."""
+        if parent is None:
+            return True
+        block_id, generation = parent
+        block = self.blocks[block_id]
+        return block.generation == generation and self.hash_to_block.get(block.block_hash) == block_id
 
     # ---- allocation --------------------------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -104,7 +145,8 @@ class BlockManager:
             if block.block_hash is not None:  # evict: its contents are about to be overwritten
                 if self.hash_to_block.get(block.block_hash) == block_id:
                     del self.hash_to_block[block.block_hash]
-                block.block_hash = block.token_ids = None
+                block.block_hash = block.token_ids = block.parent = None
+            block.generation += 1  # cached blocks that followed it no longer follow these contents
             block.ref_count = 1
             seq.block_table.append(block_id)
 

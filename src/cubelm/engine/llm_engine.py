@@ -73,7 +73,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   lookahead=self._num_draft_tokens if config.speculative is not None else None)
         self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode)
         # from_model_dir sets generation_config.json's list; built directly: config.json's plus the tokenizer's
         tok_eos = getattr(tokenizer, "eos_token_id", None)
@@ -244,26 +245,23 @@ class LLMEngine:
         touched[request_id] = req
 
     # ---- speculative decoding ------------------------------------------------------------------------------
+    def _num_draft_tokens(self, seq: Sequence) -> int:
+        from cubelm.engine.speculative import num_draft_tokens
+        return num_draft_tokens(seq, self.config.speculative.num_speculative_tokens, self.max_model_len)
+
     def _propose(self, batch) -> dict[int, tuple[list[int], object]]:
-        """Draft tokens for plain decodes; they join the batch as extra query tokens to verify."""
-        k_max = self.config.speculative.num_speculative_tokens
-        rows, ks = [], []
-        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            p = seq.params
-            if n != 1 or seq.num_output_tokens == 0 or p.logprobs is not None or p.has_penalties or p.min_tokens:
-                continue
-            k = min(k_max, p.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-            if k > 0 and self.block_manager.can_append(seq, 1 + k):
-                self.block_manager.append(seq, 1 + k)
-            else:
-                k = 0
-            rows.append(row)
-            ks.append(k)
+        """Drafts for the lookahead slots the scheduler reserved (true decodes only); they join the batch as extra
+        query tokens to verify. A proposer may return fewer drafts than slots: the spare slots stay unused."""
+        rows = [row for row, k in enumerate(batch.num_lookahead_tokens) if k > 0]
+        if not rows:
+            return {}
+        proposals = self.proposer.propose([batch.seqs[r] for r in rows], [batch.num_lookahead_tokens[r] for r in rows])
         spec = {}
-        for row, (drafts, q) in zip(rows, self.proposer.propose([batch.seqs[r] for r in rows], ks)):
+        for row, (drafts, q) in zip(rows, proposals):
+            batch.num_lookahead_tokens[row] = 0  # the drafts become new tokens: num_tokens stays within the budget
             if drafts:
                 batch.seqs[row].token_ids.extend(drafts)
-                batch.num_new_tokens[row] = 1 + len(drafts)
+                batch.num_new_tokens[row] += len(drafts)
                 spec[row] = (drafts, q)
         return spec
 

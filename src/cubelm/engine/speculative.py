@@ -3,7 +3,8 @@
 Proposers: ``DraftProposer`` (a smaller cubelm model with the same tokenizer; its K/V live in a second paged pool
 that uses the *same* block tables and slots as the target, so no second allocator is needed) and
 ``NgramProposer`` (draft-free prompt lookup: find the latest earlier occurrence of the sequence's last n-gram
-and propose what followed it).
+and propose what followed it). Drafts are only proposed into lookahead slots the scheduler reserved (counted in
+the step's token budget, backed by KV blocks) for true decodes; ``num_draft_tokens`` caps how many per sequence.
 
 Verification (Leviathan et al. 2023; Chen et al. 2023): with target distribution p and proposal distribution q,
 accept draft token x with probability min(1, p(x) / q(x)); at the first rejection sample from
@@ -40,6 +41,16 @@ class SpeculativeConfig:
             raise CubelmError("speculative method 'draft' needs draft_model (a model directory)")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise CubelmError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+
+
+def num_draft_tokens(seq: Sequence, k: int, max_model_len: int) -> int:
+    """How many drafts a decode of ``seq`` may verify: at most ``k``, never past ``max_tokens`` or the context, and
+    none when the sampled token depends on per-token state the verifier does not replay (logprobs, penalties,
+    ``min_tokens``) or before the first output token."""
+    p = seq.params
+    if seq.num_output_tokens == 0 or p.logprobs is not None or p.has_penalties or p.min_tokens:
+        return 0
+    return max(0, min(k, p.max_tokens - seq.num_output_tokens - 1, max_model_len - seq.num_tokens - 1))
 
 
 def target_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
