@@ -246,3 +246,21 @@ def test_incremental_detokenization_equals_full_decode(detok_tokenizers, kind):
         assert not any(d.endswith("\ufffd") for d in deltas)  # unfinished characters wait for their last byte
 
     check()
+
+
+@pytest.mark.parametrize("kind", ("cubelm", *LAYOUTS))
+def test_token_bytes_add_up_to_the_texts_bytes(kind, hf_layouts):
+    """Bits per byte divides by these: each token's own bytes, partial characters included (a lone decode would
+    count U+FFFD, 3 bytes, for each piece of a split character)."""
+    if kind == "cubelm":
+        tok = train_tokenizer(TEXTS * 20, TokenizerConfig(vocab_size=300))
+    else:
+        tok = load_tokenizer(hf_layouts[kind])
+    for text in [t for t in TEXTS if "<" not in t]:  # special-token literals stand for no text
+        ids = tok.encode(text)
+        # SentencePiece prepends one "▁" (its dummy prefix) to a text that does not start with a space
+        extra = 1 if kind == "mistral" and text and not text.startswith(" ") else 0
+        normalizer = tok.backend.normalizer  # Qwen2's NFC makes e + U+0301 one 2-byte é
+        text = normalizer.normalize_str(text) if normalizer is not None else text
+        assert sum(tok.token_num_bytes(i) for i in ids) == len(text.encode()) + extra, text
+    assert tok.token_num_bytes(tok.eos_token_id) == 0

@@ -146,6 +146,20 @@ class Tokenizer:
         alone = self.decode([token_id])
         return self.decode([token_id, token_id])[len(alone):]
 
+    def token_num_bytes(self, token_id: int) -> int:
+        """UTF-8 bytes of text the token stands for: 0 for special tokens, 1 for a byte-fallback piece, the raw
+        bytes of a byte-level piece (a piece holding part of a character counts its own bytes, not a U+FFFD)."""
+        if token_id in self.special_ids:
+            return 0
+        if token_id in self.byte_fallback_ids:
+            return 1
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:  # beyond the vocabulary (a model's padded rows)
+            return 0
+        if _is_byte_level(self.backend.decoder):
+            return len(piece)  # one character of the byte-to-unicode alphabet per byte
+        return len(self.token_text(token_id).encode("utf-8"))
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, *,
                             tools: list | None = None, documents: list | None = None,
                             chat_template: str | None = None, **kwargs) -> str:
@@ -182,6 +196,14 @@ class Tokenizer:
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special)
         return out
+
+
+def _is_byte_level(decoder) -> bool:
+    """A GPT-2 style byte-level decoder (alone or inside a Sequence): pieces spell bytes, one character each."""
+    from tokenizers import decoders
+    if isinstance(decoder, decoders.ByteLevel):
+        return True
+    return isinstance(decoder, decoders.Sequence) and b'"ByteLevel"' in decoder.__getstate__()
 
 
 def _byte_fallback_ids(backend) -> frozenset[int]:

@@ -39,9 +39,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes each token stands for (0 for special tokens): the denominator of bits per byte."""
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    lengths = [0 if i in special else len(tokenizer.decode([i]).encode("utf-8")) for i in range(vocab_size)]
-    return torch.tensor(lengths, dtype=torch.int64)
+    return torch.tensor([tokenizer.token_num_bytes(i) for i in range(vocab_size)], dtype=torch.int64)
 
 
 class Trainer:
