@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cubelm.engine.kernels import skinny_gemm
+from cubelm.model.seam import replace_module
 
 
 def _block_width(out_features: int) -> int:
@@ -122,10 +123,8 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
         _fuse(layer.mlp, ["gate_proj", "up_proj"], block)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         width = block if block and linear.out_features % block == 0 else None
         if width is None and name == "lm_head" and linear.out_features % 64 == 0:
             width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
-        setattr(parent, attr, BlockedLinear(linear, width))
+        replace_module(model, name, BlockedLinear(linear, width))
     return model
