@@ -53,6 +53,8 @@ VERBS: list[Verb] = [
          "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
     Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
          "cubelm.eval.commands:BpbOptions:run_bpb"),
+    Verb("lora merge", "Fold a LoRA adapter (peft format) into its base model: a plain HF model directory.",
+         "cubelm.finetune.lora_commands:MergeOptions:run_merge"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
          "cubelm.engine.commands:GenerateOptions:run_generate"),
     Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
@@ -71,6 +73,7 @@ _GROUPS = {
     "tokenizer": "Train a byte-level BPE tokenizer (HF format, chat template).",
     "model": "Create a random model from a preset, or show a model's config and size.",
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
+    "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 

@@ -40,7 +40,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        # the adapters run in their own dtype, which differs from x's when an NF4 base computes in bf16 inside an
+        # fp32 model; both casts are no-ops otherwise
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scale
+        return self.base_layer(x) + delta.to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, (out, in): what merging adds to the base weight."""

@@ -24,8 +24,10 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "fp8": 8, "int8": 8, "int4": 4, "nf4": 4}
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 # QLoRA (Dettmers et al. 2023): 4-bit NF4 codes, one 8-bit absmax per 64 weights (double quantization), and one
-# fp32 scale per 256 of those absmaxes: 4 + 8/64 + 32/(64·256) = 4.127 bits per parameter.
-NF4_DQ_BITS = Fraction(4) + Fraction(8, 64) + Fraction(32, 64 * 256)
+# fp32 scale per 256 of those absmaxes: 4 + 8/64 + 32/(64·256) = 4.127 bits per parameter. ``nf4_tensor_bytes``
+# is the exact count for one tensor as ``cubelm.compress.nf4`` stores it (padded blocks, the fp32 mean).
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
+NF4_DQ_BITS = Fraction(4) + Fraction(8, NF4_BLOCK) + Fraction(32, NF4_BLOCK * NF4_SCALE_BLOCK)
 MODES = ("inference", "full", "lora", "qlora")
 ADAM_BYTES = 8  # AdamW keeps two fp32 moments (m, v) per trained parameter
 TRAINED_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 moments (or 16-bit weight + grad + fp32 master + moments)
@@ -191,11 +193,22 @@ def lora_params(cfg: ModelConfig, rank: int = 8) -> int:
     return cfg.num_hidden_layers * sum(rank * (i + o) for i, o in layer_linear_shapes(cfg).values())
 
 
+def nf4_tensor_bytes(numel: int, block_size: int = NF4_BLOCK, scale_block_size: int = NF4_SCALE_BLOCK) -> int:
+    """One tensor in NF4 with double quantization, each part rounded up to whole blocks: 4-bit codes for every
+    (zero-padded) block, an int8 absmax per block, an fp32 scale per ``scale_block_size`` absmaxes, and the fp32
+    mean subtracted from the absmaxes. → 4.127 bits per weight for a large tensor."""
+    _positive_int("numel", numel)
+    blocks = -(-numel // block_size)
+    return blocks * block_size // 2 + blocks + 4 * -(-blocks // scale_block_size) + 4
+
+
 def nf4_base_bytes(cfg: ModelConfig, dtype: str) -> int:
-    """QLoRA base: the layers' linear weights in NF4 + double quantization; embeddings, lm_head, norms and
-    biases stay in the 16-bit compute dtype (as bitsandbytes leaves them)."""
-    linear = cfg.num_hidden_layers * sum(i * o for i, o in layer_linear_shapes(cfg).values())
-    return _nbytes(linear, NF4_DQ_BITS) + _nbytes(cfg.num_params() - linear, _bits(dtype))
+    """QLoRA base: each of the layers' linear weights in NF4 + double quantization (``nf4_tensor_bytes``, per
+    tensor); embeddings, lm_head, norms and biases stay in ``dtype`` (as bitsandbytes leaves them)."""
+    shapes = layer_linear_shapes(cfg).values()
+    linear = cfg.num_hidden_layers * sum(i * o for i, o in shapes)
+    nf4 = cfg.num_hidden_layers * sum(nf4_tensor_bytes(i * o) for i, o in shapes)
+    return nf4 + _nbytes(cfg.num_params() - linear, _bits(dtype))
 
 
 @dataclass(slots=True, kw_only=True, frozen=True)
@@ -273,5 +286,5 @@ def gib(num_bytes: int) -> str:
 
 
 __all__ = ["dtype_bytes", "canonical_dtype", "weight_bytes", "kv_cache_bytes_per_token", "kv_cache_bytes",
-           "KVPoolPlan", "plan_kv_pool", "ActivationEstimate", "activation_bytes", "lora_params", "nf4_base_bytes",
-           "TrainingStates", "training_states", "parse_bytes", "NF4_DQ_BITS", "MODES"]
+           "KVPoolPlan", "plan_kv_pool", "ActivationEstimate", "activation_bytes", "lora_params", "nf4_tensor_bytes",
+           "nf4_base_bytes", "TrainingStates", "training_states", "parse_bytes", "NF4_DQ_BITS", "MODES"]
