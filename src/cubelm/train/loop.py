@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cubelm.errors import CubelmError
 from cubelm.train.batches import IGNORE_INDEX, WindowSampler
 from cubelm.train.checkpoint import (TrainerState, is_sharded, list_checkpoints, load_checkpoint, mark_best, prune,
-                                     save_checkpoint, sweep_incomplete)
+                                     save_checkpoint, saved_config, sweep_incomplete)
 from cubelm.train.config import TrainConfig
 from cubelm.eval.bpb import bits_per_byte
 from cubelm.train.metrics import MetricsLog, plot_curves
@@ -125,14 +125,18 @@ class Trainer:
         if not ckpts:
             self.log(f"[cubelm] --resume: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
+        self._check_same_config(saved_config(ckpts[-1]))  # before loading: other settings may not even fit
         self.state, saved = self._load(ckpts[-1])
+        self._check_same_config(saved)
+        self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
+
+    def _check_same_config(self, saved: dict) -> None:
         changed = {k: (saved[k], v) for k, v in self.run_config().items()
                    if k in saved and saved[k] != v and k not in ("stop_after", "eval_interval", "sample_interval",
                                                                  "checkpoint_interval", "keep_last", "compile")}
         if changed:
             raise CubelmError(f"--resume with a different config changes {changed} (saved, now); resume with "
                               f"the original settings or train into a new --out")
-        self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
 
     def _load(self, path: Path) -> tuple[TrainerState, dict]:
         if is_sharded(path):  # from a distributed run: the shards load on any world size, this one included
