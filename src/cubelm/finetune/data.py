@@ -101,8 +101,8 @@ def _no_rows_message(report: DataReport, max_len: int) -> str:
     if not report.rows:
         return f"{report.source} has no rows; give a JSONL file with one JSON object per line"
     reasons = ", ".join(f"{k} {v}" for k, v in report.skipped.most_common())
-    hint = (f"; {report.skipped['too_long']} are longer than {max_len} tokens: raise --seq-len or add --truncate"
-            if report.skipped.get("too_long") else "")
+    long = report.skipped.get("too_long", 0) + report.skipped.get("prompt_too_long", 0)
+    hint = f"; {long} do not fit {max_len} tokens: raise --seq-len (or add --truncate)" if long else ""
     return (f"no usable rows in {report.source}: {report.rows} read, all skipped ({reasons}){hint}; a row is "
             f'{{"messages": [..., {{"role": "assistant", "content": ...}}]}}, {{"instruction", "input", "output"}} '
             f'or {{"prompt", "completion"}}, with a non-empty answer')

@@ -187,9 +187,12 @@ def _example(ids: list[int], mask: list[int]) -> Example:
 
 
 def fit(example: Example, max_len: int, *, truncate: bool) -> Example:
-    """``example`` if it has at most ``max_len`` tokens; else cut (``truncate``) or ``RowError("too_long")``."""
+    """``example`` if it has at most ``max_len`` tokens; else cut (``truncate``) or ``RowError("too_long")``; a
+    prompt that leaves no answer token within ``max_len`` is ``RowError("prompt_too_long")`` either way."""
     if len(example.ids) <= max_len:
         return example
-    if not truncate or not example.mask[1:max_len].any():
+    if not truncate:
         raise RowError("too_long")
+    if not example.mask[1:max_len].any():
+        raise RowError("prompt_too_long")
     return Example(example.ids[:max_len], example.mask[:max_len])
