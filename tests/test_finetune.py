@@ -198,3 +198,25 @@ def test_cli_runs_and_bad_input_is_one_line_exit_2(base, rows, tmp_path):
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     assert_clean_error(cubelm("finetune", "--model", str(no_template), "--data", rows, "--out", str(tmp_path / "n")),
                        "chat template")
+
+
+def test_build_default_instruct_adapter_installs_caches_and_follows_the_base(base, rows, tmp_path, monkeypatch):
+    import shutil
+
+    from cubelm.finetune.adapter import read_adapter_config
+    from cubelm.model.hf_io import load_model, save_model
+    from cubelm.train.default_model import build_instruct_adapter
+    monkeypatch.setenv("CUBELM_HOME", str(tmp_path))
+    shutil.copytree(base, tmp_path / "models" / "default")
+    logs = []
+    path = build_instruct_adapter(max_steps=2, data=rows, log=logs.append)
+    assert path == tmp_path / "models" / "default-instruct" and read_adapter_config(path).r == 16
+    first = json.loads((path / "training_summary.json").read_text())["base_sha256"]
+    assert build_instruct_adapter(max_steps=2, data=rows, log=logs.append) == path and "cached" in logs[-1]
+    model = load_model(tmp_path / "models" / "default")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)  # the default model was rebuilt: its adapter must be too
+    save_model(model, tmp_path / "models" / "default")
+    build_instruct_adapter(max_steps=2, data=rows, log=logs.append)
+    assert "cached" not in logs[-1]
+    assert json.loads((path / "training_summary.json").read_text())["base_sha256"] != first
