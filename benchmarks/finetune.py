@@ -50,7 +50,8 @@ def measure(model_dir: str, method: str, seq_len: int, batch: int, steps: int, r
     elif method == "qlora":
         from cubelm.finetune.qlora import apply_qlora
         apply_qlora(model, lora)
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.0, max_steps=10, warmup_steps=0))
+    train = TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.0, max_steps=10, warmup_steps=0)
+    optimizer = build_optimizer(model, train)  # AdamW over what requires grad, as the trainer builds it
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
     y = x[:, 1:].clone()
     y[:, : seq_len // 2] = IGNORE_INDEX  # the prompt half carries no loss, as in instruct data
@@ -123,7 +124,8 @@ def main() -> None:
             for method in methods:
                 cmd = [sys.executable, __file__, "--child", method, "--model-dir", tmp, "--seq-len", str(a.seq_len),
                        "--batch", str(a.batch), "--steps", str(a.steps), "--lora-r", str(a.lora_r)]
-                res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                res = json.loads(proc.stdout.splitlines()[-1])
                 results[method].append(res)
                 print(f"round {rnd} {method:5s}: {res['tokens_per_s']:7.0f} tok/s, peak RSS {res['peak_rss_mib']:6.0f} "
                       f"MiB", flush=True)
@@ -136,17 +138,18 @@ def report(a, methods: list[str], results: dict[str, list[dict]]) -> None:
     print(f"\nhost: {host()}")
     print(f"preset {a.preset}, {a.batch} x {a.seq_len} tokens per step (loss on the second half), LoRA r={a.lora_r} "
           f"on all 7 projections, {a.rounds} interleaved rounds of {a.steps} timed steps, medians:\n")
-    print("| method | trainable parameters (of the base) | tokens/s | peak RSS (MiB) | peak RSS above the start (MiB) |")
+    print("| method | trainable parameters (of the base) | tokens/s | peak RSS (MiB) | peak RSS above the start "
+          "(MiB) |")
     print("|---|---|---|---|---|")
+    growth = {m: med[m]["peak_rss_mib"] - med[m]["baseline_rss_mib"] for m in methods}
     for m in methods:
         first = results[m][0]
-        print(f"| {m} | {first['trainable']:,} of {first['total']:,} ({100 * first['trainable'] / first['total']:.2f}%) "
-              f"| {med[m]['tokens_per_s']:,.0f} | {med[m]['peak_rss_mib']:,.0f} | "
-              f"{med[m]['peak_rss_mib'] - med[m]['baseline_rss_mib']:,.0f} |")
-    full = med["full"]
+        share = 100 * first["trainable"] / first["total"]
+        print(f"| {m} | {first['trainable']:,} of {first['total']:,} ({share:.2f}%) | {med[m]['tokens_per_s']:,.0f} "
+              f"| {med[m]['peak_rss_mib']:,.0f} | {growth[m]:,.0f} |")
     for m in methods[1:]:
-        print(f"\n{m} / full: tokens/s {med[m]['tokens_per_s'] / full['tokens_per_s']:.2f}x, peak RSS above the "
-              f"start {(med[m]['peak_rss_mib'] - med[m]['baseline_rss_mib']) / (full['peak_rss_mib'] - full['baseline_rss_mib']):.2f}x")
+        print(f"\n{m} / full: tokens/s {med[m]['tokens_per_s'] / med['full']['tokens_per_s']:.2f}x, peak RSS above "
+              f"the start {growth[m] / growth['full']:.2f}x")
 
 
 if __name__ == "__main__":

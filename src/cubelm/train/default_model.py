@@ -5,9 +5,9 @@
 
 Steps: prepare the stdlib corpus (clean, dedup, train a 4,096-token BPE, pack), train the ``tiny`` recipe
 (resuming if a previous build was interrupted), score it on held-out third-party code (bits per byte vs gzip -9
-and unigram), then install it into the model store atomically (copy to a temporary name, then rename). The instruct adapter is
-LoRA on the ``stdlib-instruct`` set (docstring -> function source) rendered with the model's chat template, in
-peft's format; it records the base weights' hash and is rebuilt when the base changes.
+and unigram), then install it into the model store atomically (copy to a temporary name, then rename).
+The instruct adapter is LoRA on the ``stdlib-instruct`` set (docstring -> function source) rendered with the
+model's chat template, in peft's format; it records the base weights' hash and is rebuilt when the base changes.
 """
 
 from __future__ import annotations
