@@ -22,6 +22,9 @@ from cubelm.errors import CubelmError
 
 PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # = cubelm.model.seam.PROJECTIONS
 _REGEX_CHARS = re.compile(r"[\\*()\[\]|^$?+]")
+TRAIN_FLAGS = ("micro_batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
+               "grad_clip", "precision", "eval_interval", "checkpoint_interval", "keep_last", "seed", "device",
+               "stop_after")  # TrainConfig fields; None = fine-tuning's default
 
 
 @dataclass(slots=True, kw_only=True)
@@ -121,12 +124,9 @@ def _configs(o: FinetuneOptions):
         check_targets(model_dir, lora)
     ft = FinetuneConfig(model=str(model_dir), data=o.data, method=o.method, val_fraction=o.val_fraction,
                         max_val_examples=o.max_val_examples, truncate=o.truncate, **({"lora": lora} if lora else {}))
-    train = finetune_train_config(
-        o.method, preset=str(model_dir), seq_len=o.seq_len or min(TRAIN_DEFAULTS["seq_len"], context),
-        micro_batch_size=o.micro_batch_size, grad_accum=o.grad_accum, max_steps=o.max_steps, lr=o.lr, min_lr=o.min_lr,
-        warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, grad_clip=o.grad_clip, precision=o.precision, eval_interval=o.eval_interval,
-        checkpoint_interval=o.checkpoint_interval, keep_last=o.keep_last, seed=o.seed, device=o.device,
-        stop_after=o.stop_after)
+    train = finetune_train_config(o.method, preset=str(model_dir),
+                                  seq_len=o.seq_len or min(TRAIN_DEFAULTS["seq_len"], context),
+                                  **{name: getattr(o, name) for name in TRAIN_FLAGS})
     return ft, train
 
 
