@@ -86,7 +86,7 @@ def test_template_without_a_closing_special_token_gets_eos(tok):
 @pytest.mark.parametrize("record,reason", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "no_final_answer"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "empty_answer"),
-    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "bad_messages"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "bad_messages"),
     ({"instruction": "", "output": "x"}, "bad_fields"),
     ({"prompt": "a", "completion": ""}, "empty_answer"),
     ({"text": "just text"}, "unknown_shape"),
@@ -96,6 +96,12 @@ def test_unusable_rows_name_their_reason(record, reason):
     with pytest.raises(RowError) as e:
         parse_row(record)
     assert e.value.reason == reason
+
+
+def test_a_role_the_template_refuses_is_a_template_error(tok):
+    row = {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(RowError, match="template_error"):
+        tokenize(parse_row(row), tok)
 
 
 def _write_rows(path, rows):

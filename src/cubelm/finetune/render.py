@@ -28,9 +28,6 @@ import numpy as np
 
 from cubelm.errors import CubelmError
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
 class RowError(Exception):
     """A row that cannot be used; ``reason`` is what the data report counts it under."""
 
@@ -95,8 +92,8 @@ def parse_row(record) -> Conversation:
 def _messages(value) -> tuple[Mapping, ...]:
     if not isinstance(value, list) or not value:
         raise RowError("bad_messages")
-    for m in value:
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+    for m in value:  # which roles exist is the template's business (it raises for one it does not know)
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RowError("bad_messages")
     if value[-1]["role"] != "assistant" or len(value) < 2:
         raise RowError("no_final_answer")  # nothing to learn: the last message must be the assistant's answer
