@@ -40,7 +40,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
+        # s * B(A x) == B(s * A x): scaling the (..., r) tensor instead of the (..., out) one saves a full-width
+        # temporary in forward and in backward (~270 MiB less peak RSS on `small`, docs/benchmarks.md)
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, (out, in): what merging adds to the base weight."""
