@@ -49,6 +49,8 @@ VERBS: list[Verb] = [
          "cubelm.model.commands:InfoOptions:run_info"),
     Verb("train", "Train a model on packed data (AdamW, cosine schedule, checkpoints, exact --resume).",
          "cubelm.train.commands:TrainOptions:run_train"),
+    Verb("finetune", "Fine-tune a model on instruct data: full, LoRA or QLoRA (adapters in peft's format).",
+         "cubelm.finetune.commands:FinetuneOptions:run_finetune"),
     Verb("build-default", "Build the default model: stdlib corpus -> tokenizer -> tiny model -> model store.",
          "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
     Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",

@@ -1,7 +1,8 @@
 """The local model store: ``$CUBELM_HOME`` (default ``~/.cache/cubelm``) holds ``models/<name>/`` directories.
 
 The default model (the ``tiny`` recipe cubelm trains itself on the standard library) lives at
-``models/default``; ``cubelm generate`` without ``--model`` uses it.
+``models/default``; ``cubelm generate`` without ``--model`` uses it. ``cubelm build-default --instruct`` puts a
+LoRA instruct adapter for it (peft format) at ``models/default-instruct``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "default"
+INSTRUCT_ADAPTER_NAME = "default-instruct"
 
 
 def cubelm_home() -> Path:

@@ -72,3 +72,27 @@ def tiny_config(tmp_path_factory) -> str:
 def train_kw(tiny_config) -> dict:
     return dict(preset=tiny_config, seq_len=32, micro_batch_size=8, max_steps=10, warmup_steps=2, lr=1e-3,
                 min_lr=1e-4, eval_batches=1)
+
+
+@pytest.fixture(scope="session")
+def dist_base_model(tmp_path_factory, dist_data, tiny_config) -> Path:
+    """A base model for fine-tuning: the tiny config with seeded random weights and the corpus tokenizer (which has
+    cubelm's chat template)."""
+    import shutil
+
+    from cubelm.model.config import read_config_json
+    from cubelm.model.hf_io import save_model
+    from cubelm.model.transformer import build_model
+    path = tmp_path_factory.mktemp("dist-base")
+    save_model(build_model(read_config_json(tiny_config), seed=0), path)
+    for f in (dist_data / "tokenizer").iterdir():
+        shutil.copyfile(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def finetune_kw(dist_base_model) -> dict:
+    """(FinetuneConfig fields, TrainConfig overrides) of the distributed fine-tuning checks."""
+    return (dict(model=str(dist_base_model), data="stdlib-instruct:json", method="lora", val_fraction=0.3,
+                 truncate=True),
+            dict(seq_len=256, micro_batch_size=4, max_steps=10, warmup_steps=2, lr=1e-2))

@@ -1,8 +1,9 @@
 """Distributed training gives the single-process losses (fp32, same global batch and seed, 5 steps, 1e-5 rel).
 
 One 2-rank launch covers DDP, FSDP2, TP (with and without sequence parallel), all seven pipeline schedules, the
-ch. 14 linear example, an FSDP2 checkpoint + resume + HF export and a pipeline timing; one 4-rank launch covers
-the 2-D meshes (FSDP × TP, PP × FSDP) and resuming the 2-rank checkpoint on 4 ranks.
+ch. 14 linear example, an FSDP2 checkpoint + resume + HF export, a pipeline timing, and fine-tuning (LoRA under DDP
+and FSDP2 with the frozen base sharded, full under FSDP2, an FSDP2 LoRA checkpoint + resume + adapter export); one
+4-rank launch covers the 2-D meshes (FSDP × TP, PP × FSDP) and resuming the 2-rank checkpoint on 4 ranks.
 """
 
 import shutil
@@ -20,6 +21,8 @@ TWO_RANK = {"ddp": dict(dp_mode="ddp"), "fsdp": dict(dp_mode="fsdp"), "tp": dict
             **{f"pp-{s}": dict(pp=2, schedule=s, microbatches=4) for s in SCHEDULES}}
 MASKED = {"masked-ddp": dict(dp_mode="ddp"), "masked-fsdp": dict(dp_mode="fsdp"),
           "masked-pp": dict(pp=2, schedule="1f1b", microbatches=4)}
+FINETUNE = {"ft-lora-ddp": ("lora", dict(dp_mode="ddp")), "ft-lora-fsdp": ("lora", dict(dp_mode="fsdp")),
+            "ft-full-fsdp": ("full", dict(dp_mode="fsdp"))}
 FOUR_RANK = {"fsdp2-x-tp2": dict(dp=2, tp=2), "pp2-x-fsdp2": dict(dp=2, pp=2, microbatches=2)}
 
 
@@ -42,6 +45,30 @@ def masked_reference(dist_instruct_data, train_kw, tmp_path_factory):
     t = Trainer(TrainConfig(**train_kw), dist_instruct_data, tmp_path_factory.mktemp("mref"), log=lambda m: None)
     t.model.train()
     return [t.train_step()["loss"] for _ in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(finetune_kw, tmp_path_factory):
+    """Single-process fine-tuning losses (LoRA, full) and the LoRA weights after them."""
+    from cubelm.finetune.config import LoraConfig
+    from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
+    from cubelm.finetune.trainer import FinetuneTrainer
+    ft, train = finetune_kw
+    ref = {}
+    for method in ("lora", "full"):
+        t = FinetuneTrainer(finetune_train_config(method, **train), FinetuneConfig(**{**ft, "method": method},
+                            lora=LoraConfig()), tmp_path_factory.mktemp(f"ft-{method}"), log=lambda m: None)
+        t.model.train()
+        ref[method] = [t.train_step()["loss"] for _ in range(STEPS)]
+        if method == "lora":
+            ref["adapter"] = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    return ref
+
+
+def _finetune(name, method, parallel, kw, out, **extra):
+    ft, train = kw
+    return {"name": name, "kind": "finetune", "parallel": parallel, "finetune": {**ft, "method": method},
+            "train": train, "out": str(out), **extra}
 
 
 def _train(name, parallel, data, out, **extra):
@@ -69,7 +96,7 @@ def tied_reference(dist_data, train_kw, tied_config, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(dist_data, dist_instruct_data, train_kw, tied_config, tmp_path_factory):
+def two_ranks(dist_data, dist_instruct_data, train_kw, tied_config, finetune_kw, tmp_path_factory):
     work = tmp_path_factory.mktemp("two")
     tasks = [{"name": "ch14", "kind": "ch14"}]
     tasks += [_train(n, p, dist_data, work / n, train=train_kw, steps=STEPS) for n, p in TWO_RANK.items()]
@@ -82,6 +109,10 @@ def two_ranks(dist_data, dist_instruct_data, train_kw, tied_config, tmp_path_fac
               _train("fsdp-resume", {"dp_mode": "fsdp"}, dist_data, ck, train=train_kw, steps=2, resume=True,
                      export=True),
               {"name": "timing", "kind": "timing", "args": {"schedule": "1f1b", "microbatches": 4, "steps": 2}}]
+    tasks += [_finetune(n, m, p, finetune_kw, work / n, steps=STEPS) for n, (m, p) in FINETUNE.items()]
+    fck, fsdp = work / "ft-ckpt", {"dp_mode": "fsdp"}
+    tasks += [_finetune("ft-fsdp-save", "lora", fsdp, finetune_kw, fck, steps=3, save=True),
+              _finetune("ft-fsdp-resume", "lora", fsdp, finetune_kw, fck, steps=2, resume=True, export=True)]
     results = torchrun(2, tasks, work)
     return results, ck
 
@@ -173,6 +204,40 @@ def test_hf_export_loads_in_transformers(two_ranks, reference):
     x = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(FINETUNE))
+def test_distributed_finetune_matches_single_process(two_ranks, finetune_reference, name):
+    """LoRA (only adapters trainable; FSDP2 shards the frozen base too) and full fine-tuning, masked answers."""
+    assert_losses_close(two_ranks[0][name]["losses"], finetune_reference[FINETUNE[name][0]])
+
+
+def test_fsdp_lora_checkpoint_resumes_and_exports_the_same_adapter(two_ranks, finetune_reference):
+    from cubelm.finetune.adapter import read_adapter_tensors
+    results, _ = two_ranks
+    assert_losses_close(results["ft-fsdp-save"]["losses"] + results["ft-fsdp-resume"]["losses"],
+                        finetune_reference["lora"])
+    exported = read_adapter_tensors(results["ft-fsdp-resume"]["export"])
+    for module, parts in exported.items():
+        for part, tensor in parts.items():
+            torch.testing.assert_close(tensor, finetune_reference["adapter"][f"{module}.{part}.weight"],
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_lora_checkpoint_resumes_in_one_process(two_ranks, finetune_reference, finetune_kw, tmp_path):
+    from pathlib import Path
+
+    from cubelm.finetune.config import LoraConfig
+    from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
+    from cubelm.finetune.trainer import FinetuneTrainer
+    results, _ = two_ranks
+    shutil.copytree(Path(results["ft-fsdp-save"]["checkpoint"]).parent, tmp_path / "checkpoints")
+    ft, train = finetune_kw
+    t = FinetuneTrainer(finetune_train_config("lora", **train), FinetuneConfig(**ft, lora=LoraConfig()), tmp_path,
+                        resume=True, log=lambda m: None)
+    assert t.state.step == 3
+    t.model.train()
+    assert_losses_close([t.train_step()["loss"] for _ in range(2)], finetune_reference["lora"][3:])
 
 
 def test_pipeline_timing_reports_busy_and_idle(two_ranks):

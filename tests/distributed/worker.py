@@ -9,6 +9,8 @@ so a failure late in the list still leaves the earlier results. Kinds:
               "resume": bool, "save": bool, "export": bool}  -> {"losses": [...]}
     ch14     the book's ch. 14 linear example, column- and row-parallel on the tp ranks
     timing   cubelm.parallel.pipeline_timing.measure_pipeline on 2 stages -> per-rank busy / idle seconds
+    finetune {"parallel", "train", "finetune": FinetuneConfig fields, "lora": LoraConfig fields, "out", "steps",
+              "resume", "save", "export"}  -> {"losses": [...]} (cubelm.finetune.trainer.ParallelFinetuneTrainer)
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def run_train(task: dict) -> dict:
         out["export"] = str(trainer.export())
     if task.get("evaluate"):
         out["eval"] = trainer.evaluate()
+    return out
+
+
+def run_finetune(task: dict) -> dict:
+    from cubelm.finetune.config import LoraConfig
+    from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
+    from cubelm.finetune.trainer import ParallelFinetuneTrainer
+    from cubelm.parallel.config import ParallelConfig
+    ft = FinetuneConfig(**task["finetune"], lora=LoraConfig(**task.get("lora", {})))
+    trainer = ParallelFinetuneTrainer(finetune_train_config(ft.method, **task["train"]), ft,
+                                      ParallelConfig(**task["parallel"]), task["out"], resume=task.get("resume", False),
+                                      log=lambda m: None)
+    trainer.model.train()
+    losses = [trainer.train_step()["loss"] for _ in range(task["steps"])]
+    out = {"losses": losses, "step": trainer.state.step, "trainable": trainer.num_trainable}
+    if task.get("save"):
+        out["checkpoint"] = str(trainer.save())
+    if task.get("export"):
+        out["export"] = str(trainer.export())
     return out
 
 
@@ -74,7 +95,7 @@ def run_timing(task: dict) -> dict:
     return measure_pipeline(**task.get("args", {})).to_dict()
 
 
-KINDS = {"train": run_train, "ch14": run_ch14, "timing": run_timing}
+KINDS = {"train": run_train, "ch14": run_ch14, "timing": run_timing, "finetune": run_finetune}
 
 
 def main(tasks_path: str, results_path: str) -> None:

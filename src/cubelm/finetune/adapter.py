@@ -91,12 +91,20 @@ def read_adapter_tensors(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
 def save_adapter(model: torch.nn.Module, cfg: LoraConfig, out_dir: str | Path, *,
                  base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters of ``model`` (after ``apply_lora``) in peft's format."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, layer in lora_layers(model):
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous()
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return write_adapter(tensors, cfg, out_dir, base_model_name_or_path=base_model_name_or_path)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: str | Path, *,
+                  base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter tensors keyed by parameter name (``model.layers.0.self_attn.q_proj.lora_A.weight``), e.g.
+    gathered from a sharded model, in peft's format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     if not tensors:
         raise CubelmError("the model has no LoRA layers to save; apply_lora first")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,

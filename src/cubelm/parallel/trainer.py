@@ -65,9 +65,8 @@ class ParallelTrainer(Trainer):
 
     # ---- building -----------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
-        from cubelm.model.transformer import build_model
         cfg, parallel, mesh = self.cfg, self.parallel, self.mesh
-        model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # identical on every rank
+        model = self._build_model()  # identical on every rank (same seed)
         if parallel.tp > 1:
             from cubelm.parallel.tensor_parallel import check_tp_divisible
             check_tp_divisible(self.model_config, parallel.tp, cfg.seq_len if parallel.sequence_parallel else None)
@@ -195,7 +194,7 @@ class ParallelTrainer(Trainer):
         self.model.eval()
         self.loss_fn.scale, self.loss_fn.reduction = 1.0, "sum"
         loss_sum, tokens, nbytes = torch.zeros((), device=self.device), 0, 0
-        for i in range(self.cfg.eval_batches):
+        for i in range(self._num_eval_batches()):
             x, y = self.val_batches.batch(i * self.cfg.micro_batch_size, self.local_batch, rank=self.mesh.dp_rank,
                                           world=self.parallel.dp, device=self.device)
             losses: list = []
@@ -218,8 +217,7 @@ class ParallelTrainer(Trainer):
     # ---- checkpoints and export -------------------------------------------------------------------------------
     def _write_checkpoint(self) -> Path:
         from cubelm.parallel.checkpoint import save_sharded_checkpoint
-        config = self.cfg.to_dict()
-        return save_sharded_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, config,
+        return save_sharded_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.run_config(),
                                        extra_files=self._tokenizer_files())
 
     def _load(self, path: Path):

@@ -122,6 +122,14 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def saved_config(path: Path) -> dict:
+    """The training config a checkpoint recorded; {} if unreadable (loading it then says what is wrong)."""
+    try:
+        return json.loads((path / STATE_NAME).read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def is_sharded(path: Path) -> bool:
     """Written by a distributed run: a ``dcp/`` directory of shards (``cubelm.parallel.checkpoint``)."""
     return (path / "dcp").is_dir()

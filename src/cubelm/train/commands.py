@@ -63,6 +63,9 @@ class BuildDefaultOptions:
     force: bool = opt(False, help="rebuild even if the default model exists")
     max_steps: int | None = opt(None, help="override the tiny recipe's steps (fewer = faster, worse)")
     work_dir: str | None = opt(None, help="where data and checkpoints go (default: $CUBELM_HOME/runs/default)")
+    instruct: bool = opt(False, help="also train a LoRA instruct adapter on stdlib-instruct (~3 minutes) into "
+                                     "$CUBELM_HOME/models/default-instruct (peft format)")
+    instruct_steps: int | None = opt(None, help="override the instruct adapter's steps")
 
 
 def _train_config(o: TrainOptions):
@@ -113,7 +116,9 @@ def run_train(o: TrainOptions) -> int:
 
 
 def run_build_default(o: BuildDefaultOptions) -> int:
-    from cubelm.train.default_model import build_default_model
+    from cubelm.train.default_model import build_default_model, build_instruct_adapter
     path = build_default_model(force=o.force, max_steps=o.max_steps, work_dir=o.work_dir)
     print(path)
+    if o.instruct:
+        print(build_instruct_adapter(force=o.force, max_steps=o.instruct_steps))
     return 0

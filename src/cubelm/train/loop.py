@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cubelm.errors import CubelmError
 from cubelm.train.batches import IGNORE_INDEX, WindowSampler
 from cubelm.train.checkpoint import (TrainerState, is_sharded, list_checkpoints, load_checkpoint, mark_best, prune,
-                                     save_checkpoint, sweep_incomplete)
+                                     save_checkpoint, saved_config, sweep_incomplete)
 from cubelm.train.config import TrainConfig
 from cubelm.eval.bpb import bits_per_byte
 from cubelm.train.metrics import MetricsLog, plot_curves
@@ -48,13 +48,29 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
                  log=None):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.data_dir = Path(data_dir)
+        self.device = torch.device(cfg.device)
+        self._setup_data()
+        torch.manual_seed(cfg.seed)
+        self._setup_model()
+        self.token_bytes = token_byte_lengths(self.tokenizer, self.model_config.vocab_size).to(self.device)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.state = TrainerState(step=0, samples=0)
+        if resume:
+            self._resume()
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl",
+                                  truncate_after_step=self.state.step if resume else None) if self.is_main else None
+
+    # ---- hooks: what a subclass (fine-tuning, parallelism) overrides; the loop below stays one ----------------
+    def _setup_data(self) -> None:
+        """Set ``tokenizer``, ``tokenizer_dir``, ``model_config``, ``train_batches`` and ``val_batches``."""
         from cubelm.data.packed import PackedData
         from cubelm.data.tokenizer import load_tokenizer
         from cubelm.model.config import resolve_config
 
-        self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.data_dir = Path(data_dir)
+        cfg = self.cfg
         data = PackedData(self.data_dir)
         self.tokenizer_dir = self.data_dir / "tokenizer"
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
@@ -64,24 +80,37 @@ class Trainer:
             vocab_size=int(meta["vocab_size"]), bos_token_id=meta.get("bos_token_id"),
             eos_token_id=meta.get("eos_token_id"), pad_token_id=meta.get("pad_token_id"),
             max_position_embeddings=max(base.max_position_embeddings, cfg.seq_len))
-        self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self._setup_model()
         self.train_batches = WindowSampler(data.train, cfg.seq_len, mask=data.train_mask, seed=cfg.seed)
         self.val_batches = WindowSampler(data.val, cfg.seq_len, mask=data.val_mask, shuffle=False)
-        self.token_bytes = token_byte_lengths(self.tokenizer, self.model_config.vocab_size).to(self.device)
-        self.ckpt_root = self.out_dir / "checkpoints"
-        self.state = TrainerState(step=0, samples=0)
-        if resume:
-            self._resume()
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl",
-                                  truncate_after_step=self.state.step if resume else None) if self.is_main else None
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model before any wrapping (compile, DDP, FSDP): fp32 master weights from the seed. The optimizer
+        trains the parameters that require grad, so this is also where a subclass chooses them."""
+        from cubelm.model.transformer import build_model
+        return build_model(self.model_config, device=self.device, seed=self.cfg.seed)
+
+    def run_config(self) -> dict:
+        """The settings a checkpoint records and ``--resume`` checks against."""
+        return self.cfg.to_dict()
+
+    def _num_eval_batches(self) -> int:
+        return self.cfg.eval_batches
+
+    def _tokens_in(self, first_sample: int, end_sample: int) -> int:
+        """Training tokens in global samples [first_sample, end_sample): for tokens/s."""
+        return (end_sample - first_sample) * self.cfg.seq_len
+
+    def _before_training(self) -> None:
+        """Called once by ``run`` before the first step of this invocation."""
+
+    def _generation_config(self) -> dict:
+        """Sampling defaults written into the exported ``generation_config.json``."""
+        return {"do_sample": True, "temperature": 0.8, "top_k": 50}
 
     def _setup_model(self) -> None:
         """Set ``model`` (what holds the weights), ``forward`` (what to call) and ``optimizer``."""
-        from cubelm.model.transformer import build_model
         cfg = self.cfg
-        self.model = build_model(self.model_config, device=self.device, seed=cfg.seed)  # fp32 master weights
+        self.model = self._build_model()
         if cfg.activation_checkpointing:
             from cubelm.train.activation_checkpointing import apply_activation_checkpointing
             apply_activation_checkpointing(self.model)
@@ -96,14 +125,18 @@ class Trainer:
         if not ckpts:
             self.log(f"[cubelm] --resume: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
+        self._check_same_config(saved_config(ckpts[-1]))  # before loading: other settings may not even fit
         self.state, saved = self._load(ckpts[-1])
-        changed = {k: (saved[k], v) for k, v in self.cfg.to_dict().items()
+        self._check_same_config(saved)
+        self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
+
+    def _check_same_config(self, saved: dict) -> None:
+        changed = {k: (saved[k], v) for k, v in self.run_config().items()
                    if k in saved and saved[k] != v and k not in ("stop_after", "eval_interval", "sample_interval",
                                                                  "checkpoint_interval", "keep_last", "compile")}
         if changed:
             raise CubelmError(f"--resume with a different config changes {changed} (saved, now); resume with "
                               f"the original settings or train into a new --out")
-        self.log(f"[cubelm] resumed from {ckpts[-1]} at step {self.state.step}")
 
     def _load(self, path: Path) -> tuple[TrainerState, dict]:
         if is_sharded(path):  # from a distributed run: the shards load on any world size, this one included
@@ -139,7 +172,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.model.eval()
         loss_sum, tokens, nbytes = 0.0, 0, 0
-        for i in range(self.cfg.eval_batches):
+        for i in range(self._num_eval_batches()):
             x, y = self.val_batches.batch(i * self.cfg.micro_batch_size, self.cfg.micro_batch_size, device=self.device)
             with self._autocast():
                 losses = lm_loss(self.model(x), y, reduction="none")
@@ -176,7 +209,7 @@ class Trainer:
         return path
 
     def _write_checkpoint(self) -> Path:
-        return save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.cfg.to_dict(),
+        return save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.state, self.run_config(),
                                extra_files=self._tokenizer_files())
 
     def _tokenizer_files(self) -> dict[str, Path]:
@@ -190,10 +223,12 @@ class Trainer:
         end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, self.state.step + cfg.stop_after)
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not (progress and self.is_main), file=sys.stderr,
                    unit="step", dynamic_ncols=True)
+        self._before_training()
         t_last, tokens_since = time.perf_counter(), 0
         while self.state.step < end:
+            first_sample = self.state.samples
             rec = self.train_step()
-            tokens_since += cfg.tokens_per_step
+            tokens_since += self._tokens_in(first_sample, self.state.samples)
             now = time.perf_counter()
             rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
@@ -228,11 +263,11 @@ class Trainer:
         model = self._full_model()
         if model is None:  # not the main rank of a distributed run: rank 0 writes
             return out
-        save_model(model, out, generation_config={"do_sample": True, "temperature": 0.8, "top_k": 50})
+        save_model(model, out, generation_config=self._generation_config())
         for name, src in self._tokenizer_files().items():
             shutil.copyfile(src, out / name)
         summary = {"step": self.state.step, "best_val_loss": self.state.best_val_loss,
-                   "train_config": self.cfg.to_dict(), "data": str(self.data_dir)}
+                   "train_config": self.run_config(), "data": str(self.data_dir)}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
         return out
 
