@@ -138,15 +138,20 @@ def test_prefix_cache_is_keyed_by_adapter():
 
 
 def _random_adapter(layer, r, g):
-    a = torch.randn(r, layer.in_features, generator=g)
-    b = torch.randn(layer.out_features, r, generator=g)
+    a = torch.randn(r, layer.in_features, generator=g) * 0.3
+    b = torch.randn(layer.out_features, r, generator=g) * 0.3
     return a, b
 
 
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
 @pytest.mark.parametrize("decode_layout", [False, True])
-def test_batched_layer_equals_lora_linear_row_by_row(decode_layout):
+def test_batched_layer_equals_lora_linear_row_by_row(decode_layout, path):
     """Every projection kind (nn.Linear, BlockedLinear, fused q/k/v and gate/up slices), rows of 3 slots and the
-    base interleaved (several segments per slot), ranks below the padded maximum, a slot that skips a module."""
+    base interleaved (several segments per slot, some longer than the kernel's 4-row tiles), ranks below the padded
+    maximum and above one 16-rank pass, a slot that skips a module; the native kernel and the PyTorch path."""
+    from cubelm.engine.kernels import lora_delta
+    if path == "kernel" and not lora_delta.available():
+        pytest.skip("no C compiler: the kernel cannot be built")
     from cubelm.model.config import ModelConfig
     from cubelm.model.transformer import build_model
     cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
@@ -156,9 +161,11 @@ def test_batched_layer_equals_lora_linear_row_by_row(decode_layout):
     if decode_layout:
         apply_decode_layout(model)
     context = LoRAContext()
-    layers = apply_batched_lora(model, context, max_loras=3, max_rank=8)
+    layers = apply_batched_lora(model, context, max_loras=3, max_rank=20)
+    for layer in layers.values():
+        layer.use_kernel = path == "kernel"
     g = torch.Generator().manual_seed(0)
-    ranks, scales = [8, 3, 5], [0.5, 2.0, 1.0]
+    ranks, scales = [20, 3, 5], [0.5, 2.0, 1.0]
     weights = {}
     for name, layer in layers.items():
         for slot, (r, s) in enumerate(zip(ranks, scales)):
@@ -168,8 +175,8 @@ def test_batched_layer_equals_lora_linear_row_by_row(decode_layout):
             a, b = _random_adapter(layer, r, g)
             weights[name, slot] = (a, b, s)
             layer.set_slot(slot, (a, (b * s).T.contiguous()))
-    slots = [-1, 0, 0, 2, 1, -1, 2, 2, 0, 1, 1, -1]
-    context.segments = _segments(list(range(len(slots))), [1] * len(slots), slots)
+    slots = [-1, 0, 0, 2, 1, -1, 2, 2, 0, 1, 1, -1, 1, 1, 1, 1, 1, 1, 0]
+    context.set(_segments(list(range(len(slots))), [1] * len(slots), slots))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     ref_attn, ref_mlp = plain.model.layers[0].self_attn, plain.model.layers[0].mlp
     with torch.inference_mode():

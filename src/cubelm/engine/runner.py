@@ -52,7 +52,7 @@ class ModelRunner:
             decodes.sort(key=lora_slots.__getitem__)
             prefills.sort(key=lora_slots.__getitem__)
         if self.lora_context is not None:
-            self.lora_context.segments = _segments(decodes + prefills, num_new, lora_slots)
+            self.lora_context.set(_segments(decodes + prefills, num_new, lora_slots))
         ids, positions, slots, first = [], [], [], [0] * len(seqs)
         chunks = []
         for i in decodes + prefills:

@@ -50,7 +50,7 @@ class LoRAManager:
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.shapes = {name: (l.in_features, l.out_features) for name, l in layers.items()}
         first = next(iter(layers.values()))
-        self.dtype, self.device = first.lora_a.dtype, first.lora_a.device
+        self.dtype, self.device = first.lora_at.dtype, first.lora_at.device
         self._lock = threading.Lock()
         self._registry: dict[str, Adapter] = {}
         self._cpu: OrderedDict[int, AdapterWeights] = OrderedDict()  # lora_id -> weights; front = least recent
