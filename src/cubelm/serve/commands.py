@@ -49,7 +49,8 @@ class ServeOptions:
     dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
                                   "float16")
     lora_modules: list[str] = opt([], help="serve a LoRA adapter, NAME=PATH (repeatable; peft's format): requests "
-                                           "whose model is NAME run on it; checked before the server starts")
+                                           "whose model is NAME run on it; checked before the server starts",
+                                  metavar="NAME=PATH")
     enable_runtime_lora: bool = opt(False, help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the "
                                                "API key (they load any adapter directory the server can read)")
     max_loras: int = opt(1, help="adapters whose requests run at once (slots); requests of another adapter wait")

@@ -10,6 +10,7 @@ from cubelm.engine import kernels
 
 RANK_MULTIPLE = 16  # the kernel reads ranks in passes of 16: the padded rank of the stacked weights is a multiple
 MAX_ROWS = 64  # above this (prompt chunks) MKL's GEMMs per adapter are faster; measured in benchmarks/multi_lora.py
+PARALLEL_MACS = 1 << 20  # below this much work a second thread costs more to wake and join than it saves
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _fn = None
 
@@ -36,7 +37,8 @@ def lora_delta(x: torch.Tensor, y: torch.Tensor, at: torch.Tensor, bt: torch.Ten
     N = bt.shape[2]
     assert x.stride(1) == 1 and y.stride(1) == 1 and at.is_contiguous() and bt.is_contiguous()
     assert segments.dtype == ranks.dtype == torch.int64 and segments.is_contiguous() and ranks.is_contiguous()
+    threads = torch.get_num_threads() if x.shape[0] * R * (K + N) >= PARALLEL_MACS else 1
     failed = _fn(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), at.data_ptr(), bt.data_ptr(),
-                 segments.data_ptr(), segments.shape[0], ranks.data_ptr(), K, N, R, torch.get_num_threads())
+                 segments.data_ptr(), segments.shape[0], ranks.data_ptr(), K, N, R, threads)
     if failed:
         raise ValueError(f"lora_delta: the padded rank {R} is not a multiple of {RANK_MULTIPLE}")
