@@ -14,7 +14,10 @@ a fresh copy of the model:
 * ``4 adapters``: request i on adapter i mod 4, ``max_loras`` 4 (four adapters in every step).
 
 Rounds run the configurations in turn (A B C D A B C D ...), so slow drifts of a shared machine hit all of them;
-the script reports each configuration's rounds, the median output tokens/s, and the ratio to ``base``.
+the script reports each configuration's rounds, the median output tokens/s, and the ratio to ``base``. It also
+reports output tokens per CPU-second of the process (``time.process_time``): on a machine shared with other jobs,
+wall time measures the neighbours as much as the engine, while CPU time with ``--threads 1`` counts only the work
+this process did (with more threads it also counts OpenMP's spin-waiting, so read it with one thread).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def make_adapters(model_dir: str, out: Path, count: int, rank: int) -> list[Path
 
 
 def run(model_dir: str, reqs, config: str, adapters: list[Path], *, rank: int, max_num_seqs: int,
-        max_batched: int) -> float:
+        max_batched: int) -> tuple[float, float]:
+    """(output tokens per wall second, per CPU second of this process) of one run of the workload."""
     from cubelm.engine.config import EngineConfig
     from cubelm.engine.llm_engine import LLMEngine
     from cubelm.engine.lora import LoRARequest
@@ -80,7 +84,7 @@ def run(model_dir: str, reqs, config: str, adapters: list[Path], *, rank: int, m
     loras = [LoRARequest(f"a{i}", str(p)) for i, p in enumerate(adapters[:num_adapters])]
     for lr in loras:  # read the adapters before the clock starts (a server loads them at startup)
         engine.lora_manager.resolve(lr)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, (prompt, olen) in enumerate(reqs):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True),
                            lora_request=loras[i % len(loras)] if loras else None)
@@ -89,9 +93,9 @@ def run(model_dir: str, reqs, config: str, adapters: list[Path], *, rank: int, m
         for out in engine.step():
             if out.finished:
                 produced += len(out.outputs[0].token_ids)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert produced == sum(o for _, o in reqs)
-    return produced / dt
+    return produced / dt, produced / cpu
 
 
 def kernels(rank: int, slots: int, repeats: int = 100) -> None:
@@ -146,7 +150,11 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--kernels", action="store_true", help="only the low-rank product micro-benchmark")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = the cores)")
     a = ap.parse_args()
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     print(f"host: {host_isa()}", flush=True)
     if a.kernels:
         kernels(a.rank, 4)
@@ -164,18 +172,26 @@ def main() -> None:
         print(f"preset {a.preset} ({cfg.num_params():,} params, fp32), {len(reqs)} requests, "
               f"{sum(len(p) for p, _ in reqs):,} prompt + {sum(o for _, o in reqs):,} output tokens; adapters: "
               f"r={a.rank} on all 7 projections", flush=True)
-        results: dict[str, list[float]] = {c: [] for c in a.configs}
+        wall: dict[str, list[float]] = {c: [] for c in a.configs}
+        cpu: dict[str, list[float]] = {c: [] for c in a.configs}
         for r in range(a.rounds):
             for config in a.configs:
-                tps = run(model_dir, reqs, config, adapters, rank=a.rank, max_num_seqs=a.max_num_seqs,
-                          max_batched=a.max_num_batched_tokens)
-                results[config].append(tps)
-                print(f"round {r + 1} {config:14s} {tps:8.1f} output tokens/s", flush=True)
+                tps, per_cpu = run(model_dir, reqs, config, adapters, rank=a.rank, max_num_seqs=a.max_num_seqs,
+                                   max_batched=a.max_num_batched_tokens)
+                wall[config].append(tps)
+                cpu[config].append(per_cpu)
+                print(f"round {r + 1} {config:14s} {tps:8.1f} output tokens/s, {per_cpu:8.1f} per CPU-second",
+                      flush=True)
+    for title, results in (("output tokens/s (wall)", wall), ("output tokens per CPU-second", cpu)):
+        table(title, results)
+
+
+def table(title: str, results: dict[str, list[float]]) -> None:
     base = statistics.median(results["base"]) if "base" in results else None
-    print("\n| configuration | rounds (output tok/s) | median | vs base |\n|---|---|---|---|")
+    print(f"\n| configuration | rounds: {title} | median | vs base |\n|---|---|---|---|")
     for config, values in results.items():
         med = statistics.median(values)
-        ratio = f"{med / base:.3f} ({(base / med - 1):+.1%} time)" if base else "-"
+        ratio = f"{med / base:.3f} ({base / med - 1:+.1%} time)" if base else "-"
         print(f"| {config} | {', '.join(f'{v:.1f}' for v in values)} | {med:.1f} | {ratio} |")
 
 

@@ -90,8 +90,8 @@ class BatchedLoRALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        slots, r_max = self.lora_at.shape[0], self.lora_at.shape[2]
-        return f"in_features={self.in_features}, out_features={self.out_features}, slots={slots}, max_rank={r_max}"
+        slots, padded = self.lora_at.shape[0], self.lora_at.shape[2]
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={slots}, padded_rank={padded}"
 
 
 def apply_batched_lora(model: nn.Module, context: LoRAContext, max_loras: int, max_rank: int
