@@ -8,7 +8,9 @@ equal tokens after another prefix), a write into a shared or cached block, or a 
 Every step also checks the token budget, max_num_seqs, the lookahead rules, and the pool's bookkeeping (reference
 counts = block tables holding the block, free list = blocks nobody holds); once every request has ended the
 pool must be whole. Some setups use a 3-bit block hash, so prefix-cache hits rest on their verification alone;
-the last tests pin that verification directly.
+the last tests pin that verification directly. Multi-LoRA setups give requests random adapters: K/V then encode
+the adapter too (a hit across adapters reads another context), and the running sequences never use more than
+``max_loras`` adapters.
 """
 
 import itertools
@@ -44,6 +46,13 @@ class Setup:
     lookahead: int = 0  # speculative decoding: up to this many draft slots per decode
     colliding_hashes: bool = False
     arrival_rate: float = 0.35  # new requests per step
+    num_loras: int = 0  # requests pick one of this many adapters, or the base model
+    max_loras: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class FakeAdapter:
+    lora_id: int
 
 
 class FakeEngine:
@@ -56,7 +65,9 @@ class FakeEngine:
                                      enable_prefix_caching=setup.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=setup.max_num_seqs,
                                    max_num_batched_tokens=setup.max_num_batched_tokens,
-                                   lookahead=self._lookahead if setup.lookahead else None)
+                                   lookahead=self._lookahead if setup.lookahead else None,
+                                   max_loras=setup.max_loras)
+        self.adapters = [FakeAdapter(i + 1) for i in range(setup.num_loras)]
         self.kv: dict[int, int] = {}  # slot -> context id of the K/V written there
         self.contexts: dict[tuple[int, int], int] = {}  # (parent context, token) -> context id
         self.requests: dict[str, list[Sequence]] = {}
@@ -70,8 +81,8 @@ class FakeEngine:
     def _lookahead(self, seq: Sequence) -> int:
         return self.rng.randint(0, self.setup.lookahead)
 
-    def context_ids(self, token_ids: list[int]) -> list[int]:
-        out, parent = [], -1
+    def context_ids(self, token_ids: list[int], lora_id: int = 0) -> list[int]:
+        out, parent = [], -1 - lora_id  # the same tokens under another adapter are another context
         for token in token_ids:
             parent = self.contexts.setdefault((parent, token), len(self.contexts))
             out.append(parent)
@@ -90,9 +101,10 @@ class FakeEngine:
         max_tokens = rng.randint(1, min(3 * bs, capacity - len(prompt)))
         params = SamplingParams(n=rng.choice([1, 1, 1, 2, 3]), max_tokens=max_tokens)
         request_id = str(next(self.ids))
+        lora = rng.choice([None, *self.adapters])
         seqs: list[Sequence] = []
         for i in range(params.n):
-            seqs.append(Sequence(request_id, i, prompt, params, parent=seqs[0] if seqs else None))
+            seqs.append(Sequence(request_id, i, prompt, params, parent=seqs[0] if seqs else None, lora=lora))
             self.scheduler.add(seqs[-1])
         self.requests[request_id] = seqs
 
@@ -139,7 +151,7 @@ class FakeEngine:
             self.append_token(seq, self.next_token(seq))
 
     def write_kv(self, seq: Sequence, start: int, end: int) -> None:
-        contexts = self.context_ids(seq.token_ids[:end])
+        contexts = self.context_ids(seq.token_ids[:end], seq.lora_id)
         for p in range(start, end):
             block = self.block_manager.blocks[seq.block_table[p // self.setup.block_size]]
             assert block.ref_count == 1 and block.block_hash is None, \
@@ -168,6 +180,8 @@ class FakeEngine:
             assert seq.status is Status.RUNNING and 1 <= n <= seq.num_uncomputed_tokens
             assert k == 0 or n == seq.num_uncomputed_tokens == 1, "lookahead for a chunk that is not a decode"
             assert len(seq.block_table) * bs >= seq.num_computed_tokens + n + k, "slots not reserved"
+        if s.max_loras is not None:
+            assert len({q.lora_id for q in self.scheduler.running} - {0}) <= s.max_loras, "more adapters than slots"
         scheduled = set(map(id, batch.seqs))
         for seq in batch.preempted:
             assert id(seq) not in scheduled and seq.status is Status.WAITING and not seq.block_table
@@ -192,7 +206,7 @@ class FakeEngine:
         for seq in sched.running:
             assert seq.status is Status.RUNNING and seq.num_computed_tokens < seq.num_tokens
             assert len(seq.block_table) * bs >= seq.num_computed_tokens
-            contexts = self.context_ids(seq.token_ids)
+            contexts = self.context_ids(seq.token_ids, seq.lora_id)
             for p in range(seq.num_computed_tokens):
                 assert self.kv.get(self.slot(seq, p)) == contexts[p], \
                     f"seq {seq.request_id}.{seq.index} reads another context at position {p}"
@@ -225,6 +239,8 @@ SETUPS = {
     "roomy": Setup(num_blocks=40, max_num_seqs=12, max_num_batched_tokens=24, lookahead=2),
     "one-token-budget": Setup(num_blocks=6, max_num_batched_tokens=1, max_num_seqs=3, arrival_rate=0.06),
     "two-token-budget": Setup(num_blocks=6, max_num_batched_tokens=2, max_num_seqs=3, lookahead=2, arrival_rate=0.1),
+    "multi-lora": Setup(num_loras=3, max_loras=2),
+    "multi-lora-colliding": Setup(num_loras=4, max_loras=2, colliding_hashes=True, lookahead=2),
 }
 
 

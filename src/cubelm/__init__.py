@@ -7,10 +7,13 @@ Command line: ``cubelm --help``. Heavy modules (torch) are imported lazily so ``
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # ``from cubelm import LLM, SamplingParams`` without importing torch at package import
+def __getattr__(name):  # ``from cubelm import LLM, LoRARequest, SamplingParams`` without importing torch first
     if name == "LLM":
         from cubelm.engine.llm import LLM
         return LLM
+    if name == "LoRARequest":
+        from cubelm.engine.lora.request import LoRARequest
+        return LoRARequest
     if name == "SamplingParams":
         from cubelm.engine.params import SamplingParams
         return SamplingParams

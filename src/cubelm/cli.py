@@ -109,7 +109,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
         if tp is bool:
             kw.update(action=argparse.BooleanOptionalAction, default=default)
         elif typing.get_origin(tp) is list:
-            kw.update(action="append", type=typing.get_args(tp)[0], default=None)
+            kw.update(action="append", type=typing.get_args(tp)[0], default=None, metavar=md.get("metavar"))
         else:
             kw.update(type=tp, default=default, choices=md.get("choices"), metavar=md.get("metavar"))
             if not has_default:

@@ -25,9 +25,14 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(model_dir):
-    # a short context keeps generated max_tokens cheap; a short timeout bounds any one request
-    p = ServeProcess(model_dir, "--max-model-len", "64", "--request-timeout", "20", "--max-n", "4").start()
+def fuzz_server(model_dir, tmp_path_factory):
+    # a short context keeps generated max_tokens cheap; a short timeout bounds any one request; an adapter and the
+    # runtime LoRA routes, so that they are fuzzed too
+    from cubelm.finetune.config import LoraConfig
+    from lora_helpers import make_adapter
+    adapter = make_adapter(model_dir, tmp_path_factory.mktemp("fuzz") / "a", LoraConfig(r=4), seed=0)
+    p = ServeProcess(model_dir, "--max-model-len", "64", "--request-timeout", "20", "--max-n", "4",
+                     "--lora-modules", f"fuzz-adapter-0={adapter}", "--enable-runtime-lora").start()
     yield p
     p.stop()
 
@@ -41,7 +46,8 @@ def operations(base: str) -> list:
 def test_api_never_fails_and_follows_its_document(fuzz_server, mode):
     from schemathesis import GenerationMode
     ops = operations(fuzz_server.base)
-    assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+    assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+                                       "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
     for op in ops:
         if mode == "negative" and op.method.upper() == "GET":
             continue  # the GET routes take no input: there is nothing to make invalid

@@ -50,11 +50,11 @@ class AsyncLLM:
         return len(self._streams)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Yield ``RequestOutput``s (deltas or one final, per ``params.output_kind``) until finished. Leaving the
         loop early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
-        stream = self.submit(prompt, params, request_id)
+        stream = self.submit(prompt, params, request_id, lora_request=lora_request)
         try:
             while True:
                 item = await stream.get()
@@ -67,7 +67,7 @@ class AsyncLLM:
             if request_id in self._streams:  # not finished: the client went away
                 self.abort(request_id)
 
-    def submit(self, prompt, params, request_id: str) -> asyncio.Queue:
+    def submit(self, prompt, params, request_id: str, lora_request=None) -> asyncio.Queue:
         if self.error is not None:
             raise EngineDead(f"the engine failed ({type(self.error).__name__}: {self.error}); this server "
                              f"accepts no more requests and is restarting")
@@ -77,12 +77,14 @@ class AsyncLLM:
             raise QueueFull(f"{len(self._streams)} requests in flight; the admission limit is {self.max_waiting}")
         # Validate here, in the caller, so bad input raises to the client instead of inside the engine thread.
         self.engine_validate(prompt, params or SamplingParams())
+        if lora_request is not None:  # resolved (registered, read) here too: a bad adapter raises to this caller
+            lora_request = self.engine._adapter(lora_request)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self.error is not None:  # died between the check above and now: its sweep may have missed this stream
             self._streams.pop(request_id, None)
             raise EngineDead(f"the engine failed ({type(self.error).__name__}: {self.error})")
-        self._commands.put(("add", request_id, prompt, params))
+        self._commands.put(("add", request_id, prompt, params, lora_request))
         self._wake.set()
         return stream
 
@@ -111,11 +113,11 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, prompt, params = cmd
+                _, request_id, prompt, params, lora_request = cmd
                 if request_id not in self._streams:
                     continue  # aborted before it was admitted
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
                 except Exception as e:  # noqa: BLE001 - delivered to the client that sent it
                     self._deliver(request_id, e, final=True)
             else:

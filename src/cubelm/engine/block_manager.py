@@ -8,6 +8,10 @@ at most a miss. Lookups walk from the first block, so each hash registers a bloc
 Freed blocks keep their contents and hash and sit in an LRU list: a later request with the same prefix revives
 them; allocation takes the least recently freed block and forgets its hash. Pure Python, no tensors: the runner
 owns the K/V memory, this class only decides which slots a sequence uses.
+
+K/V depend on the adapter a sequence runs with (multi-LoRA), so the chain of a sequence on an adapter starts from
+that adapter's root hash instead of None, and every cached block remembers its adapter's id (0 = base), which a
+hit must match too: one adapter's blocks are never reused for another adapter or for the base.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Block:
     token_ids: tuple[int, ...] | None = None
     parent: tuple[int, int] | None = None  # (block id, generation) of the block before it; None: the first block
     generation: int = 0  # bumped whenever the block is allocated afresh (its old contents are gone)
+    lora_id: int = 0  # the adapter its K/V were computed under (0 = the base model)
 
 
 class BlockManager:
@@ -53,8 +58,13 @@ class BlockManager:
         """The chained hash of a full block (tests override it with a colliding one)."""
         return hash((parent_hash, token_ids))
 
-    def _chain(self, token_ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
-        out, parent, bs = [], None, self.block_size
+    @staticmethod
+    def root_hash(lora_id: int) -> int | None:
+        """The parent hash of a sequence's first block: None for the base model, the adapter's own otherwise."""
+        return None if lora_id == 0 else hash(("lora", lora_id))
+
+    def _chain(self, token_ids: list[int], num_blocks: int, lora_id: int) -> list[tuple[int, tuple[int, ...]]]:
+        out, parent, bs = [], self.root_hash(lora_id), self.block_size
         for i in range(num_blocks):
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             parent = self.hash_block(parent, tokens)
@@ -73,9 +83,9 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens
         parent = None
-        for block_hash, tokens in self._chain(seq.token_ids, max_blocks):
+        for block_hash, tokens in self._chain(seq.token_ids, max_blocks, seq.lora_id):
             block_id = self.hash_to_block.get(block_hash)
-            if block_id is None or not self._holds(block_id, parent, tokens):
+            if block_id is None or not self._holds(block_id, parent, tokens, seq.lora_id):
                 break
             self._ref(block_id)
             seq.block_table.append(block_id)
@@ -86,10 +96,11 @@ class BlockManager:
     def _identity(self, block_id: int) -> tuple[int, int]:
         return block_id, self.blocks[block_id].generation
 
-    def _holds(self, block_id: int, parent: tuple[int, int] | None, tokens: tuple[int, ...]) -> bool:
-        """Whether the cached block holds K/V of ``tokens`` right after the verified prefix ending at ``parent``."""
+    def _holds(self, block_id: int, parent: tuple[int, int] | None, tokens: tuple[int, ...], lora_id: int) -> bool:
+        """Whether the cached block holds K/V of ``tokens`` right after the verified prefix ending at ``parent``,
+        computed under the adapter ``lora_id``."""
         block = self.blocks[block_id]
-        return block.token_ids == tokens and block.parent == parent
+        return block.token_ids == tokens and block.parent == parent and block.lora_id == lora_id
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of the sequence's blocks that became full (call after their K/V are written).
@@ -99,14 +110,14 @@ class BlockManager:
             return
         num_full, bs = seq.num_computed_tokens // self.block_size, self.block_size
         del seq.block_hashes[num_full:]  # after a rollback (speculative decoding) or a preemption
-        chain_hash = seq.block_hashes[-1] if seq.block_hashes else None
+        chain_hash = seq.block_hashes[-1] if seq.block_hashes else self.root_hash(seq.lora_id)
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             chain_hash = self.hash_block(chain_hash, tokens)
             seq.block_hashes.append(chain_hash)
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None:
-                block.block_hash, block.token_ids = chain_hash, tokens
+                block.block_hash, block.token_ids, block.lora_id = chain_hash, tokens, seq.lora_id
                 block.parent = self._identity(seq.block_table[i - 1]) if i else None
                 self._register(block)
 
@@ -146,6 +157,7 @@ class BlockManager:
                 if self.hash_to_block.get(block.block_hash) == block_id:
                     del self.hash_to_block[block.block_hash]
                 block.block_hash = block.token_ids = block.parent = None
+                block.lora_id = 0
             block.generation += 1  # cached blocks that followed it no longer follow these contents
             block.ref_count = 1
             seq.block_table.append(block_id)

@@ -25,6 +25,11 @@ class EngineConfig:
     decode_layout: bool = True  # blocked weight layout for fast CPU decode (cubelm.engine.decode_layout)
     compile_decode: bool = False  # torch.compile the model forward (dynamic shapes; a cold compile takes 15-60 s)
     speculative: "SpeculativeConfig | None" = None  # cubelm.engine.speculative
+    # multi-LoRA (cubelm.engine.lora): adapters per step, their largest rank, adapters kept in memory (LRU)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -32,6 +37,17 @@ class EngineConfig:
                 raise CubelmError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise CubelmError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        for name in ("max_loras", "max_lora_rank"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise CubelmError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras:
+            raise CubelmError(f"max_cpu_loras ({self.max_cpu_loras!r}) must be an integer >= max_loras "
+                              f"({self.max_loras}): the adapters of one step must all be in memory")
+        if self.enable_lora and self.compile_decode:
+            raise CubelmError("compile_decode does not support enable_lora (the adapters of a step change its "
+                              "graph); turn one of them off")
 
 
 def _ram_bytes() -> int:

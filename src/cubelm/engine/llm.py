@@ -4,6 +4,10 @@
     llm = LLM("~/.cache/cubelm/models/default")
     outs = llm.generate(["def fibonacci(n):", "class Stack:"], SamplingParams(temperature=0, max_tokens=64))
     print(outs[0].outputs[0].text)
+
+Adapters (multi-LoRA), as in vLLM: ``LLM(model_dir, enable_lora=True, max_loras=4)``, then
+``llm.generate(prompts, params, lora_request=LoRARequest("sql", "adapters/sql"))``, one request for all prompts
+or a list with one per prompt (None = the base model); rows of different adapters share every step.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """One ``RequestOutput`` per prompt, in prompt order. Prompts are strings or lists of token ids."""
+                 *, lora_request=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in prompt order. Prompts are strings or lists of token ids;
+        ``lora_request`` is one ``LoRARequest`` for all prompts, or a list with one (or None) per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -40,11 +45,14 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise CubelmError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one or one each")
+        loras = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise CubelmError(f"got {len(loras)} lora requests for {len(prompts)} prompts; pass one or one each")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 ids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(ids[-1], prompt, p)
+                self.engine.add_request(ids[-1], prompt, p, lora_request=lora)
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)

@@ -12,6 +12,10 @@ detokenizing, stop checks) fails that request only (``finish_reason`` "error", `
 blocks freed). A failed model forward cannot be pinned on one request, so it fails the requests of that batch and
 the engine goes on; only ``MAX_FAILED_STEPS`` failed forwards in a row mean the engine itself is broken
 (``EngineBroken``), which the async loop reports so that the server turns unhealthy.
+
+Multi-LoRA (``enable_lora``): a request may name an adapter (``lora_request``); rows of different adapters and of
+the base model run in the same step (``cubelm.engine.lora``). An adapter that cannot be re-read when its turn
+comes fails its own requests before the forward; the rest of the batch runs.
 """
 
 from __future__ import annotations
@@ -19,14 +23,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
 from cubelm.engine.block_manager import BlockManager
 from cubelm.engine.config import EngineConfig, plan_pool
 from cubelm.engine.detokenize import IncrementalDetokenizer
-from cubelm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from cubelm.engine.outputs import Request, RequestMetrics, RequestOutput
 from cubelm.engine.params import SamplingParams
 from cubelm.engine.runner import ModelRunner
 from cubelm.engine.sampler import sample_batch
@@ -42,21 +45,6 @@ class EngineBroken(RuntimeError):
     """Model forwards keep failing whatever the batch: the engine cannot serve anything any more."""
 
 
-@dataclass(slots=True, eq=False)
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, log=None, draft_model=None):
         self.config = config = config or EngineConfig()
@@ -68,14 +56,20 @@ class LLMEngine:
             apply_decode_layout(model)
             if draft_model is not None:
                 apply_decode_layout(draft_model)
+        self.lora_manager = None
+        if config.enable_lora:  # after the decode layout: the adapters wrap the blocked and fused projections
+            from cubelm.engine.lora.manager import build_lora_manager
+            self.lora_manager = build_lora_manager(model, config)
         self.model, self.tokenizer = model.eval(), tokenizer
         (log or _stderr)(self.pool.describe())
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   lookahead=self._num_draft_tokens if config.speculative is not None else None)
-        self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode)
+                                   lookahead=self._num_draft_tokens if config.speculative is not None else None,
+                                   max_loras=config.max_loras if config.enable_lora else None)
+        self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode,
+                                  lora_context=self.lora_manager.context if self.lora_manager else None)
         # from_model_dir sets generation_config.json's list; built directly: config.json's plus the tokenizer's
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
@@ -112,17 +106,20 @@ class LLMEngine:
         return engine
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
-                    ) -> Request:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request=None) -> Request:
+        """``lora_request``: a ``LoRARequest`` (or an adapter the server resolved), None for the base model."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise CubelmError(f"request id {request_id!r} is already in use")
+        adapter = self._adapter(lora_request)
         text, ids = ((prompt, self.tokenizer.encode(prompt, add_special_tokens=True)) if isinstance(prompt, str)
                      else (None, list(prompt)))
         self._validate(ids, params)
         seqs = []
         for i in range(params.n):
-            seq = Sequence(request_id, i, ids, params, self.eos_token_ids, parent=seqs[0] if seqs else None)
+            seq = Sequence(request_id, i, ids, params, self.eos_token_ids, parent=seqs[0] if seqs else None,
+                           lora=adapter)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed_for(i))
             if self.tokenizer is not None:
@@ -149,6 +146,14 @@ class LLMEngine:
             raise CubelmError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs {needed} KV slots but "
                               f"the cache holds {self.pool.num_tokens}; raise kv_cache_memory or lower max_tokens")
 
+    def _adapter(self, lora_request):
+        if lora_request is None:
+            return None
+        if self.lora_manager is None:
+            raise CubelmError("this engine serves no adapters: create it with enable_lora=True (cubelm serve: "
+                              "--lora-modules or --enable-runtime-lora)")
+        return self.lora_manager.resolve(lora_request)
+
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None:
@@ -167,9 +172,13 @@ class LLMEngine:
         if not batch:
             return []
         touched: dict[str, Request] = {}
+        lora_slots = self._lora_slots(batch, touched) if self.lora_manager is not None else None
+        if not batch:
+            return self._outputs(touched)
         try:
             spec = self._propose(batch) if self.proposer is not None else {}
-            logits, offsets = self.runner.run(batch.seqs, batch.num_new_tokens, full=frozenset(spec))
+            logits, offsets = self.runner.run(batch.seqs, batch.num_new_tokens, full=frozenset(spec),
+                                              lora_slots=lora_slots)
         except Exception as e:  # noqa: BLE001 - not attributable to one request: fail this batch, keep the rest
             self._forward_failed(e)
             for seq in batch.seqs:
@@ -205,6 +214,14 @@ class LLMEngine:
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         return self._outputs(touched)
+
+    def _lora_slots(self, batch, touched: dict) -> list[int]:
+        """Each row's adapter slot; rows whose adapter cannot be loaded fail their requests and leave the batch."""
+        slots, failed = self.lora_manager.activate([seq.lora for seq in batch.seqs])
+        for row, error in failed.items():
+            self._fail(batch.seqs[row].request_id, error, touched)
+        batch.drop(failed)
+        return [slot for row, slot in enumerate(slots) if row not in failed]
 
     def _sample(self, logits, rows: list[int], seqs: list[Sequence], touched: dict):
         """(seq, token, logprob) for each sequence to sample. One vectorized call; if it raises, row by row so
@@ -350,29 +367,10 @@ class LLMEngine:
             if req.finished or (req.params.output_kind == "delta" and any(
                     s.num_output_tokens > s.num_emitted_tokens or len(s.text_chunks) > s.num_emitted_chunks
                     for s in req.seqs)):
-                outs.append(self._output(req))
+                outs.append(req.output())
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outs
-
-    def _output(self, req: Request) -> RequestOutput:
-        """The request's new text/ids/logprobs since its last output ("delta"), or all of them ("final")."""
-        delta = req.params.output_kind == "delta"
-        outs = []
-        for seq in req.seqs:
-            want_lp = seq.params.logprobs is not None
-            if delta:
-                text = "".join(seq.text_chunks[seq.num_emitted_chunks:])
-                start = seq.num_emitted_tokens
-                seq.num_emitted_chunks, seq.num_emitted_tokens = len(seq.text_chunks), seq.num_output_tokens
-            else:
-                text, start = "".join(seq.text_chunks), 0
-            ids = seq.token_ids[seq.num_prompt_tokens + start:]
-            outs.append(CompletionOutput(seq.index, text, ids, seq.cumulative_logprob if want_lp else None,
-                                         seq.logprobs[start:] if want_lp else None, seq.finish_reason,
-                                         seq.stop_reason))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_tokens, req.metrics, req.error)
 
     # ---- introspection -------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -3,14 +3,16 @@
 ``SamplingParams.output_kind`` chooses between vLLM's DELTA and FINAL_ONLY: a "delta" request gets one output per
 step holding only the new text, token ids and logprobs (what a stream sends); a "final" request gets one output
 when it finishes, with everything, built once. There is no cumulative-per-step mode: copying the whole output at
-every step makes a request O(T^2). ``OutputAccumulator`` joins deltas into the final shape.
+every step makes a request O(T^2). ``OutputAccumulator`` joins deltas into the final shape. ``Request`` is the
+engine's record of one request (its sequences, metrics and error) and builds its outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cubelm.engine.sequence import TokenLogprob
+from cubelm.engine.params import SamplingParams
+from cubelm.engine.sequence import Sequence, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -48,6 +50,40 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request (finish_reason "error")
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        """The new text/ids/logprobs since the last output ("delta"), or all of them ("final")."""
+        delta = self.params.output_kind == "delta"
+        outs = []
+        for seq in self.seqs:
+            want_lp = seq.params.logprobs is not None
+            if delta:
+                text = "".join(seq.text_chunks[seq.num_emitted_chunks:])
+                start = seq.num_emitted_tokens
+                seq.num_emitted_chunks, seq.num_emitted_tokens = len(seq.text_chunks), seq.num_output_tokens
+            else:
+                text, start = "".join(seq.text_chunks), 0
+            ids = seq.token_ids[seq.num_prompt_tokens + start:]
+            outs.append(CompletionOutput(seq.index, text, ids, seq.cumulative_logprob if want_lp else None,
+                                         seq.logprobs[start:] if want_lp else None, seq.finish_reason,
+                                         seq.stop_reason))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                             self.seqs[0].num_cached_tokens, self.metrics, self.error)
 
 
 class OutputAccumulator:

@@ -1,21 +1,27 @@
 """The model runner: turns a scheduled batch into flat tensors, runs the one model with the paged backend, and
 returns the logits of the positions that must be sampled.
 
-It owns the KV pool: ``(L, num_blocks * block_size, Hkv, D)`` for K and for V, in the model's dtype.
+It owns the KV pool: ``(L, num_blocks * block_size, Hkv, D)`` for K and for V, in the model's dtype. With
+adapters (multi-LoRA), each row's slot comes in ``lora_slots``: the runner puts the rows of one slot next to each
+other (decodes sorted by slot, then prompt chunks sorted by slot) and hands the batched LoRA layers their
+segments through the shared ``LoRAContext``, as it hands the paged attention its metadata.
 """
 
 from __future__ import annotations
 
 import torch
 
+from cubelm.engine.lora.layers import LoRAContext
 from cubelm.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from cubelm.engine.sequence import Sequence
 from cubelm.model.transformer import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False,
+                 lora_context: LoRAContext | None = None):
         cfg = model.config
+        self.lora_context = lora_context
         param = next(model.parameters())
         self.model, self.block_size, self.device = model, block_size, param.device
         shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -34,13 +40,19 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int], starts: list[int] | None = None):
+    def prepare(self, seqs: list[Sequence], num_new: list[int], starts: list[int] | None = None,
+                lora_slots: list[int] | None = None):
         """Flat ids/positions (decodes first) and the paged metadata. Returns (ids, positions, meta, first) where
         ``first[i]`` is the flat index of the first new token of ``seqs[i]``. ``starts`` defaults to each
         sequence's ``num_computed_tokens`` (a draft model passes its own)."""
         starts = starts if starts is not None else [s.num_computed_tokens for s in seqs]
         decodes = [i for i, n in enumerate(num_new) if n == 1]
         prefills = [i for i, n in enumerate(num_new) if n > 1]
+        if lora_slots is not None:  # stable: rows of one adapter contiguous, order otherwise unchanged
+            decodes.sort(key=lora_slots.__getitem__)
+            prefills.sort(key=lora_slots.__getitem__)
+        if self.lora_context is not None:
+            self.lora_context.set(_segments(decodes + prefills, num_new, lora_slots))
         ids, positions, slots, first = [], [], [], [0] * len(seqs)
         chunks = []
         for i in decodes + prefills:
@@ -80,10 +92,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int], *, starts: list[int] | None = None,
-            full: frozenset[int] = frozenset()) -> tuple[torch.Tensor, list[int]]:
+            full: frozenset[int] = frozenset(), lora_slots: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Logits at each sequence's last new token, or at all its new tokens for rows in ``full`` (speculative
-        verification). Returns (logits (R, vocab), offsets) with sequence i's rows starting at ``offsets[i]``."""
-        ids, positions, meta, first = self.prepare(seqs, num_new, starts)
+        verification). Returns (logits (R, vocab), offsets) with sequence i's rows starting at ``offsets[i]``.
+        ``lora_slots[i]`` is the adapter slot of ``seqs[i]`` (-1 = base model)."""
+        ids, positions, meta, first = self.prepare(seqs, num_new, starts, lora_slots)
         self.attn.meta = meta
         forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
         hidden = forward(ids, positions, self.attn)  # (1, N, h)
@@ -92,3 +105,20 @@ class ModelRunner:
             offsets.append(len(rows))
             rows.extend(range(first[i], first[i] + n) if i in full else [first[i] + n - 1])
         return self.model.lm_head(hidden[0, rows]), offsets  # only rows that may be sampled
+
+
+def _segments(order: list[int], num_new: list[int], slots: list[int] | None) -> list[tuple[int, int, int]]:
+    """(slot, first row, end row) of each run of adapter rows in the flat batch built in ``order``."""
+    segments: list[tuple[int, int, int]] = []
+    if slots is None:
+        return segments
+    row = 0
+    for i in order:
+        slot, n = slots[i], num_new[i]
+        if slot >= 0:
+            if segments and segments[-1][0] == slot and segments[-1][2] == row:
+                segments[-1] = (slot, segments[-1][1], row + n)
+            else:
+                segments.append((slot, row, row + n))
+        row += n
+    return segments

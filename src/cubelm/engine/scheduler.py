@@ -12,6 +12,11 @@ Speculative decoding (vLLM's lookahead slots): a true decode (its only uncompute
 also gets up to ``lookahead(seq)`` slots for draft tokens, charged to the budget and reserved in the block manager
 like any other growth, so drafts can neither overrun the budget nor the pool; the proposer fills at most that
 many. A chunk of a sequence that is still recomputing is never a decode, even when it is one token long.
+
+Multi-LoRA (``max_loras``): the running sequences never use more than ``max_loras`` distinct adapters (the slots
+the layers hold), so every step, whatever part of the running set it serves, finds its adapters a slot. A waiting
+sequence of another adapter waits while the slots are taken; sequences behind it whose adapter is already running
+(or the base model) are admitted past it, as vLLM does, rather than leaving the batch half empty.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ class ScheduledBatch:
         self.num_new_tokens.append(n)
         self.num_lookahead_tokens.append(num_lookahead)
 
+    def drop(self, rows) -> None:
+        """Take rows out of the batch (their requests failed before the forward)."""
+        keep = [i for i in range(len(self.seqs)) if i not in rows]
+        self.seqs = [self.seqs[i] for i in keep]
+        self.num_new_tokens = [self.num_new_tokens[i] for i in keep]
+        self.num_lookahead_tokens = [self.num_lookahead_tokens[i] for i in keep]
+
     @property
     def num_tokens(self) -> int:
         """What the step charges to the token budget: new tokens plus the reserved lookahead."""
@@ -47,8 +59,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: Callable[[Sequence], int] | None = None):
+                 lookahead: Callable[[Sequence], int] | None = None, max_loras: int | None = None):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # distinct adapters among the running sequences at most (None: no adapters)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.lookahead = lookahead  # speculative decoding: how many drafts a decode of this sequence may verify
         self.waiting: deque[Sequence] = deque()
@@ -106,9 +119,10 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         skipped: list[Sequence] = []
+        loras = {s.lora_id for s in self.running if s.lora_id} if self.max_loras is not None else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not seq.ready():
+            if not seq.ready() or self._no_lora_slot(seq, loras):
                 skipped.append(seq)
                 continue
             if not seq.block_table:
@@ -121,9 +135,15 @@ class Scheduler:
             self.block_manager.append(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if seq.lora_id:
+                loras.add(seq.lora_id)
             batch.add(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _no_lora_slot(self, seq: Sequence, loras: set[int]) -> bool:
+        return (self.max_loras is not None and seq.lora_id != 0 and seq.lora_id not in loras
+                and len(loras) >= self.max_loras)
 
     def _youngest_unscheduled(self, batch: ScheduledBatch, exclude: Sequence) -> Sequence | None:
         scheduled = set(map(id, batch.seqs))

@@ -5,7 +5,8 @@ hold them; ``num_cached_tokens`` of them came from the prefix cache at admission
 
 Output text lives in two parts so that no step copies the whole text: ``text_chunks`` is released text (it can no
 longer be cut by a stop string) and ``pending_text`` the short tail still held back. ``num_emitted_*`` count what
-delta outputs have already handed out.
+delta outputs have already handed out. ``lora`` is the adapter the sequence runs with (None = the base model);
+``lora_id`` its engine id (0 = base), which the scheduler counts and the prefix cache salts its hashes with.
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ class Sequence:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     detok: object = None  # the incremental detokenizer, set by the engine
+    lora: object = None  # cubelm.engine.lora.manager.Adapter, or None for the base model
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def lora_id(self) -> int:
+        return 0 if self.lora is None else self.lora.lora_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,8 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
-(Prometheus), OpenAPI docs at ``/docs``. The model loads in a background thread so that ``/health`` and ``/ready``
+(Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
+``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``). A request's ``model`` is the base model or an adapter. The model loads in a background thread so that ``/health`` and ``/ready``
 answer from the first second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
 Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
 """
@@ -23,9 +24,10 @@ from cubelm.errors import CubelmError
 from cubelm.serve.auth import key_id
 from cubelm.serve.body_limit import BodyLimit
 from cubelm.serve.errors import APIError, error_body
+from cubelm.serve.lora import add_lora_routes, model_card
 from cubelm.serve.openapi import errors, install_openapi, ok
-from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                   chat_messages, new_id, now_s)
+from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelList,
+                                   TokenizeRequest, chat_messages, new_id)
 from cubelm.serve.serving import Job, Responder, submit_all
 from cubelm.serve.state import ServerState
 from cubelm.serve.streaming import SSEResponse, until_disconnect
@@ -80,35 +82,34 @@ def create_app(state: ServerState) -> FastAPI:
             state.keys.check(request.headers)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", summary="The served model", responses=errors(401, 503))
+    @app.get("/v1/models", summary="The served model and its adapters (each with the base as its parent)",
+             response_model=ModelList, responses=errors(401, 503))
     async def models(_: str = Depends(client_id)):
         state.check_available()
-        card = {"id": state.model_name, "object": "model", "created": now_s(), "owned_by": "cubelm",
-                "root": str(state.options.model), "max_model_len": state.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        return ModelList(data=[model_card(state)] + [model_card(state, a) for a in state.adapters()])
 
     @app.post("/v1/completions", summary="Text completion (OpenAI)", responses=GENERATE_RESPONSES)
     async def completions(req: CompletionRequest, request: Request, client: str = Depends(client_id)):
-        _check_request(state, req)
+        adapter = _check_request(state, req)
         prompts = [_encode(state, p, add_special_tokens=True) if isinstance(p, str) else list(p)
                    for p in req.prompts()]
         return await _generate(state, req, request, client, prompts, chat=False,
-                               max_tokens=req.max_tokens, logprobs=req.logprobs)
+                               max_tokens=req.max_tokens, logprobs=req.logprobs, adapter=adapter)
 
     @app.post("/v1/chat/completions", summary="Chat completion (OpenAI), with the model's chat template",
               responses=GENERATE_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, client: str = Depends(client_id)):
-        _check_request(state, req)
+        adapter = _check_request(state, req)
         ids = _encode(state, _render_chat(state, req.chat_messages()), add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(state, req, request, client, [ids], chat=True,
-                               max_tokens=req.requested_max_tokens(), logprobs=logprobs)
+                               max_tokens=req.requested_max_tokens(), logprobs=logprobs, adapter=adapter)
 
     @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (after the chat template)",
               responses=errors(400, 401, 404, 413, 503))
     async def tokenize(req: TokenizeRequest, _: str = Depends(client_id)):
         state.check_available()
-        state.check_model(req.model)
+        state.resolve_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
@@ -121,17 +122,20 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize", summary="Text of token ids", responses=errors(400, 401, 404, 413, 503))
     async def detokenize(req: DetokenizeRequest, _: str = Depends(client_id)):
         state.check_available()
-        state.check_model(req.model)
+        state.resolve_model(req.model)
         _check_token_ids(state, req.tokens, "tokens")
         return {"prompt": state.tokenizer.decode(req.tokens)}
 
+    if state.options.enable_runtime_lora:
+        add_lora_routes(app, state, client_id)
     return app
 
 
-def _check_request(state: ServerState, req) -> None:
-    """What the schema cannot say: server limits and cross-field rules (each a 400 naming the field)."""
+def _check_request(state: ServerState, req):
+    """What the schema cannot say: server limits and cross-field rules (each a 400 naming the field), and the
+    model (404). Returns the adapter the request runs on (None: the base model)."""
     state.check_available()
-    state.check_model(req.model)
+    adapter = state.resolve_model(req.model)
     req.check_cross_field()
     if req.n > state.options.max_n:
         raise APIError(400, f"n must be at most {state.options.max_n} on this server (--max-n), got {req.n}",
@@ -141,6 +145,7 @@ def _check_request(state: ServerState, req) -> None:
         for p in req.prompts():
             if not isinstance(p, str):
                 _check_token_ids(state, p, "prompt")
+    return adapter
 
 
 def _check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
@@ -169,7 +174,7 @@ def _render_chat(state: ServerState, messages: list[dict], add_generation_prompt
 
 
 async def _generate(state: ServerState, req, request: Request, client: str, prompts: list[list[int]], *,
-                    chat: bool, max_tokens: int | None, logprobs: int | None):
+                    chat: bool, max_tokens: int | None, logprobs: int | None, adapter=None):
     received = time.monotonic()
     max_len = state.engine.max_model_len
     longest = max(len(ids) for ids in prompts)
@@ -186,9 +191,10 @@ async def _generate(state: ServerState, req, request: Request, client: str, prom
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from None
     timeout = state.options.request_timeout
-    job = Job(chat=chat, request_id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_name,
-              prompts=prompts, params=params, stream=req.stream, include_usage=req.include_usage,
-              received=received, deadline=received + timeout if timeout else None)
+    job = Job(chat=chat, request_id=new_id("chatcmpl" if chat else "cmpl"),
+              model=adapter.name if adapter is not None else state.model_name, prompts=prompts, params=params,
+              stream=req.stream, include_usage=req.include_usage, received=received,
+              deadline=received + timeout if timeout else None, lora_request=adapter)
     delay = await state.rate_limit(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
     if delay > 0:  # leaky bucket: wait for our turn in the queue
         state.num_delayed += 1

@@ -2,6 +2,7 @@
 
     cubelm serve                                   # the default model on 127.0.0.1:8000
     cubelm serve --model DIR --host 0.0.0.0 --port 8000 --api-key sk-1 --rate-limit-rpm 60
+    cubelm serve --model DIR --lora-modules sql=adapters/sql --lora-modules chat=adapters/chat --max-loras 2
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ class ServeOptions:
                                   "are used on CPU only)")
     dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
                                   "float16")
+    lora_modules: list[str] = opt([], help="serve a LoRA adapter, NAME=PATH (repeatable; peft's format): requests "
+                                           "whose model is NAME run on it; checked before the server starts",
+                                  metavar="NAME=PATH")
+    enable_runtime_lora: bool = opt(False, help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter, behind the "
+                                               "API key (they load any adapter directory the server can read)")
+    max_loras: int = opt(1, help="adapters whose requests run at once (slots); requests of another adapter wait")
+    max_lora_rank: int = opt(16, help="largest LoRA rank served (memory per slot grows with it); a higher rank is "
+                                      "refused")
+    max_cpu_loras: int | None = opt(None, help="adapters kept in memory, least recently used evicted and re-read "
+                                               "when needed; default --max-loras")
     log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
     access_log: bool = opt(False, help="log every HTTP request")
 
@@ -62,6 +73,17 @@ class ServeOptions:
             raise CubelmError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_batch_delay_ms < 0 or self.request_timeout < 0 or self.shutdown_timeout < 0:
             raise CubelmError("--max-batch-delay-ms, --request-timeout and --shutdown-timeout must be >= 0")
+        from cubelm.serve.lora import parse_lora_modules
+        parse_lora_modules(self.lora_modules)
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise CubelmError(f"--max-loras and --max-lora-rank must be >= 1, got {self.max_loras}, "
+                              f"{self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise CubelmError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+
+    @property
+    def enable_lora(self) -> bool:
+        return bool(self.lora_modules) or self.enable_runtime_lora
 
 
 def run_serve(o: ServeOptions) -> int:
@@ -77,6 +99,9 @@ def run_serve(o: ServeOptions) -> int:
     path = resolve_model_dir(o.model)
     resolve_dtype(o.dtype, resolve_device(o.device))  # a bad --device/--dtype fails now, not in the load thread
     o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name)
+    if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
+        from cubelm.serve.lora import check_lora_modules, parse_lora_modules
+        check_lora_modules(parse_lora_modules(o.lora_modules), path, o.served_model_name, o.max_lora_rank)
     state = ServerState(o)
     if state.limiter is not None:
         state.limiter.check_storage()

@@ -14,7 +14,7 @@ from cubelm.serve.protocol import ErrorResponse
 _DESCRIPTIONS = {
     400: "Invalid request: a field out of range, the context length exceeded, malformed JSON",
     401: "Missing or incorrect API key",
-    404: "Unknown model",
+    404: "Unknown model or adapter",
     413: "Request body too large (--max-request-bytes)",
     429: "Rate limit reached; see the Retry-After header",
     500: "The engine failed this request (a server bug; other requests are unaffected)",

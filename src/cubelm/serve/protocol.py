@@ -30,6 +30,7 @@ MAX_STOP_CHARS = 1024
 MAX_MESSAGES = 4096
 MAX_TOKEN_ID = 2**31 - 1  # the server also checks ids against the model's vocabulary
 MAX_INT32 = 2**31 - 1
+MAX_NAME_CHARS = 256  # adapter names
 
 
 def _valid_utf8(text: str) -> str:
@@ -181,6 +182,38 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: Text | None = None
     tokens: list[TokenId]
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_valid_utf8)] = Field(
+        description="the name requests use as their model")
+    lora_path: NonEmptyText = Field(description="a directory on the server holding a peft adapter "
+                                                "(adapter_config.json + adapter_model.safetensors)")
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_valid_utf8)]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cubelm"
+    root: str | None = None
+    parent: str | None = Field(None, description="for an adapter: the base model it runs on")
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class DeletedModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 class ErrorDetail(BaseModel):

@@ -31,6 +31,7 @@ class Job:
     include_usage: bool
     received: float  # time.monotonic() when the server got the request
     deadline: float | None
+    lora_request: object = None  # the adapter (cubelm.engine.lora.manager.Adapter) the job runs on; None = base
     created: int = field(default_factory=now_s)
 
     @property
@@ -43,10 +44,11 @@ class EngineRequest:
     one final output otherwise)."""
 
     def __init__(self, llm, prompt_ids: list[int], params, request_id: str, deadline: float | None,
-                 live: set | None = None):
+                 live: set | None = None, lora_request=None):
         self.llm, self.request_id, self.deadline = llm, request_id, deadline
         self.done = False
-        self.queue = llm.submit(prompt_ids, params, request_id)  # raises QueueFull / ValueError synchronously
+        # raises QueueFull / ValueError synchronously
+        self.queue = llm.submit(prompt_ids, params, request_id, lora_request=lora_request)
         self.live = live if live is not None else set()
         self.live.add(self)
 
@@ -89,7 +91,8 @@ def submit_all(llm, job: Job, live: set | None = None) -> list[EngineRequest]:
     reqs = []
     try:
         for p, ids in enumerate(job.prompts):
-            reqs.append(EngineRequest(llm, ids, job.params, f"{job.request_id}-{p}", job.deadline, live))
+            reqs.append(EngineRequest(llm, ids, job.params, f"{job.request_id}-{p}", job.deadline, live,
+                                      lora_request=job.lora_request))
     except QueueFull as e:
         _abort(reqs)
         raise APIError(503, f"the server is at capacity ({e}); retry shortly", type="server_overloaded",

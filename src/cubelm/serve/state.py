@@ -3,6 +3,9 @@
 Lifecycle: loading (``/ready`` 503) -> ready -> draining (SIGTERM: ``/ready`` 503, new work 503, in-flight work
 finishes) -> exit 0. If the engine loop dies, ``/health`` and ``/ready`` answer 503 at once, new requests get 503,
 and the server drains and exits non-zero so that its supervisor (Kubernetes, systemd) restarts it.
+
+Models: the base model under its served name, plus the adapters the engine has registered (``--lora-modules``,
+the runtime load route); ``resolve_model`` maps a request's ``model`` to one of them or answers 404.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ class ServerState:
                 from cubelm.engine.llm_engine import LLMEngine
                 o = self.options
                 cfg = EngineConfig(kv_cache_memory=o.kv_cache_memory, max_num_seqs=o.max_num_seqs,
-                                   max_model_len=o.max_model_len, num_blocks=o.num_blocks)
+                                   max_model_len=o.max_model_len, num_blocks=o.num_blocks,
+                                   enable_lora=o.enable_lora, max_loras=o.max_loras, max_lora_rank=o.max_lora_rank,
+                                   max_cpu_loras=o.max_cpu_loras)
                 self.engine = LLMEngine.from_model_dir(o.model, cfg, device=o.device, dtype=o.dtype)
+                self._register_lora_modules()
             self.tokenizer = self.engine.tokenizer
             self.max_prompt_chars = 4 * self.engine.max_model_len * _max_token_chars(self.tokenizer)
             self.metrics.attach(self.engine)
@@ -93,10 +99,27 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry when GET /ready answers 200",
                            type="server_unavailable", code="not_ready", headers={"Retry-After": "1"})
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
-                                f"(see GET /v1/models)", param="model", code="model_not_found")
+    def _register_lora_modules(self) -> None:
+        from cubelm.serve.lora import parse_lora_modules
+        for name, path in parse_lora_modules(self.options.lora_modules).items():
+            self.engine.lora_manager.register(name, path)
+
+    def adapters(self) -> list:
+        manager = self.engine.lora_manager if self.engine is not None else None
+        return manager.adapters() if manager is not None else []
+
+    def resolve_model(self, model: str | None):
+        """The adapter a request's ``model`` names, or None for the base model; 404 for any other name."""
+        if model is None or model == self.model_name:
+            return None
+        manager = self.engine.lora_manager if self.engine is not None else None
+        adapter = manager.get(model) if manager is not None else None
+        if adapter is None:
+            names = [self.model_name] + [a.name for a in self.adapters()]
+            shown = ", ".join(f"'{n}'" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            raise APIError(404, f"the model '{model}' does not exist; this server serves {shown} (see GET "
+                                f"/v1/models)", param="model", code="model_not_found")
+        return adapter
 
     async def rate_limit(self, client: str, num_tokens: int) -> float:
         if self.limiter is None:
