@@ -7,8 +7,7 @@ The base is the preset with seeded random weights, saved once in HF format. Each
 ``apply_lora`` / ``apply_qlora`` / nothing (full), AdamW on the parameters that require grad, and optimizer steps
 of ``FinetuneTrainer`` (masked cross-entropy on the answer half of each sequence, gradient clipping). It reports
 trainable parameters, training tokens/s (median step after a warm-up step) and peak RSS. Methods run interleaved
-(full, lora, qlora, full, ...) because the machine is shared and noisy; medians are reported. QLoRA runs when
-``cubelm.finetune.qlora`` is importable, else a note says it was skipped.
+(full, lora, qlora, full, ...) because the machine is shared and noisy; medians are reported.
 """
 
 from __future__ import annotations
@@ -84,14 +83,6 @@ def host() -> str:
             f"(cpu capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
 
 
-def qlora_available() -> bool:
-    try:
-        from cubelm.finetune.qlora import apply_qlora  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def save_base(preset: str, seq_len: int, out: Path) -> None:
     from cubelm.model.config import preset as get_preset
     from cubelm.model.hf_io import save_model
@@ -114,9 +105,7 @@ def main() -> None:
     if a.child:
         print(json.dumps(measure(a.model_dir, a.child, a.seq_len, a.batch, a.steps, a.lora_r)))
         return
-    methods = ["full", "lora"] + (["qlora"] if qlora_available() else [])
-    if "qlora" not in methods:
-        print("note: cubelm.finetune.qlora is not importable here; QLoRA skipped", flush=True)
+    methods = ["full", "lora", "qlora"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         save_base(a.preset, a.seq_len, Path(tmp))

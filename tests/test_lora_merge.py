@@ -114,3 +114,32 @@ def test_bad_inputs_are_one_line_errors(dirs, cli, tmp_path):
     assert_clean_error(cli("lora", "merge", "--model", base, "--adapter", tmp_path / "gpt2", "--out", base),
                        "is the model directory")
     assert not (tmp_path / "out").exists()  # nothing written on any error
+
+
+def test_generate_with_an_adapter_equals_the_merged_model(dirs, cli, tmp_path):
+    """``cubelm generate --adapter A --chat``: the prompt goes through the model's chat template and the adapter is
+    folded in, so greedy text equals that of the merged directory; without a template ``--chat`` is an error."""
+    root, base, _ = dirs
+    peft_adapter(base, tmp_path / "adapter", seed=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    r = cli("lora", "merge", "--model", base, "--adapter", tmp_path / "adapter", "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    common = ("--prompt", "Write a function.", "--chat", "--temperature", "0", "--max-new-tokens", "12",
+              "--ignore-eos")
+    with_adapter = cli("generate", "--model", base, "--adapter", tmp_path / "adapter", *common)
+    merged = cli("generate", "--model", tmp_path / "m", *common)
+    plain = cli("generate", "--model", base, *common)
+    assert with_adapter.returncode == merged.returncode == plain.returncode == 0, with_adapter.stderr
+    assert with_adapter.stdout == merged.stdout and with_adapter.stdout != plain.stdout
+    assert "Write a function." not in with_adapter.stdout  # a chat answer, not a continuation of the prompt
+
+    assert_clean_error(cli("generate", "--model", base, "--adapter", tmp_path / "absent", "--prompt", "x"),
+                       "--adapter", "not a directory")
+    no_template = tmp_path / "no-template"
+    no_template.mkdir()
+    for f in base.iterdir():
+        if f.name != "chat_template.jinja":
+            (no_template / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((no_template / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert_clean_error(cli("generate", "--model", no_template, "--prompt", "x", "--chat"), "no chat template")

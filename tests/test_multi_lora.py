@@ -310,7 +310,6 @@ def test_adapter_gone_from_disk_fails_its_requests_only(dirs, tmp_path):
 def test_offline_llm_generate_with_lora_requests(dirs, reference, tmp_path):
     """``LLM.generate(..., lora_request=...)``: one request for all prompts, or one per prompt."""
     from cubelm.engine.llm import LLM
-    from helpers import make_tiny_model_dir
     base, adapters = dirs
     items, want = reference
     llm = LLM.__new__(LLM)  # the offline API over an engine on this tokenizer-less test model

@@ -1,4 +1,9 @@
-"""``cubelm generate``: stream a continuation of a prompt from a model directory (reference path)."""
+"""``cubelm generate``: stream a continuation of a prompt from a model directory (reference path).
+
+    cubelm generate --prompt 'def fibonacci(n):'                              # the default model
+    cubelm generate --adapter ~/.cache/cubelm/models/default-instruct --chat \
+        --prompt 'Return the n-th Fibonacci number.'                          # a LoRA adapter, the chat template
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ class GenerateOptions:
     top_p: float = opt(1.0, help="nucleus sampling: smallest set of tokens with this total probability; 1 = off")
     seed: int | None = opt(None, help="random seed: the same seed gives the same text")
     ignore_eos: bool = opt(False, help="keep generating after the end-of-sequence token")
+    adapter: str | None = opt(None, help="a LoRA adapter directory (peft format: adapter_config.json + "
+                                         "adapter_model.safetensors), merged into the model's weights", metavar="DIR")
+    chat: bool = opt(False, help="send the prompt as one user message through the model's chat template")
     device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
 
@@ -56,17 +64,26 @@ def run_generate(o: GenerateOptions) -> int:
     device = resolve_device(o.device)
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device, dtype=o.dtype)
+    if o.adapter:
+        _merge_adapter(model, o.adapter)
     from cubelm.engine.decode_layout import apply_decode_layout
     apply_decode_layout(model)  # inference only (CPU): same logits, ~1.7x faster one-token steps
     tok = load_tokenizer(model_dir)
-    prompt_ids = tok.encode(o.prompt, add_special_tokens=True)  # a completion: Llama's <s> and the like
+    if o.chat:
+        if not tok.chat_template:
+            raise CubelmError(f"--chat: the tokenizer of {model_dir} has no chat template; drop --chat to continue "
+                              f"the prompt as plain text")
+        text = tok.apply_chat_template([{"role": "user", "content": o.prompt}], add_generation_prompt=True)
+        prompt_ids = tok.encode(text, add_special_tokens=False)  # the template writes the special tokens
+    else:
+        prompt_ids = tok.encode(o.prompt, add_special_tokens=True)  # a completion: Llama's <s> and the like
     eos = stop_token_ids(model_dir, tok.eos_token_id)  # generation_config.json's, else config.json's, + tokenizer's
     print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
           f"{time.perf_counter() - t0:.1f}s; prompt {len(prompt_ids)} tokens", file=sys.stderr)
     detok = IncrementalDetokenizer.for_tokenizer(tok, prompt_ids, skip_special_tokens=False)
     result = GenerationResult([], "length")
     t1 = time.perf_counter()
-    sys.stdout.write(o.prompt)
+    sys.stdout.write("" if o.chat else o.prompt)
     for token_id in generate_tokens(model, prompt_ids, params, result, eos_token_ids=eos):
         sys.stdout.write(detok.add(token_id))
         sys.stdout.flush()
@@ -77,3 +94,16 @@ def run_generate(o: GenerateOptions) -> int:
     print(f"[cubelm] {n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), finish_reason={result.finish_reason}",
           file=sys.stderr)
     return 0
+
+
+def _merge_adapter(model, adapter: str) -> None:
+    """Apply a peft LoRA adapter and fold it into the weights: one request, one adapter, so the merged model is
+    exact and costs nothing per token (the server keeps adapters separate to batch several over one base)."""
+    from cubelm.finetune.adapter import load_adapter
+    from cubelm.finetune.lora import merge_lora
+    if not Path(adapter).is_dir():
+        raise CubelmError(f"--adapter {adapter} is not a directory; pass a peft adapter directory "
+                          f"(adapter_config.json + adapter_model.safetensors)")
+    load_adapter(model, adapter)
+    merge_lora(model)
+    model.requires_grad_(False)

@@ -76,7 +76,7 @@ class FinetuneMixin:
             from cubelm.finetune.lora import apply_lora
             apply_lora(model, self.ft.lora)
         elif self.ft.method == "qlora":
-            apply_qlora = _import_qlora()
+            from cubelm.finetune.qlora import apply_qlora
             apply_qlora(model, self.ft.lora)
         self.num_trainable = num_trainable(model)
         return model
@@ -168,13 +168,3 @@ class ParallelFinetuneTrainer(FinetuneMixin, ParallelTrainer):
         self.ft = ft
         super().__init__(cfg, parallel, ft.model, out_dir, resume=resume, log=log)
         self.write_data_report()
-
-
-def _import_qlora():
-    try:
-        from cubelm.finetune.qlora import apply_qlora
-    except ImportError as e:
-        raise CubelmError(f"--method qlora needs cubelm.finetune.qlora, which this installation lacks ({e}); "
-                          f"use --method lora") from None
-    return apply_qlora
-
