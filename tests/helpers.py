@@ -1,11 +1,27 @@
 """Test helpers shared across test modules (tests/ is on sys.path: pytest rootdir conftest)."""
 
+import subprocess
+import sys
+
+
+def cubelm(*args, timeout=180) -> subprocess.CompletedProcess:
+    """``python -m cubelm ARGS`` in a subprocess: the real exit code and streams."""
+    return subprocess.run([sys.executable, "-m", "cubelm", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_clean_error(r, *needles):
+    """Exit code 2 and exactly one line, ``cubelm: error: ...``, that contains every needle; no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cubelm: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
 
 def make_tiny_model_dir(root, corpus=None, vocab_size: int = 320):
     """A `tiny`-preset model directory with random weights and a tokenizer trained here (offline, ~2 s)."""
-    import subprocess
-    import sys
-
     from cubelm.data.tokenizer import TokenizerConfig, train_tokenizer
     corpus = corpus or ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n",
                         "héllo wörld ✓ 日本語"] * 40

@@ -57,3 +57,23 @@ def merged_model(model_dir: Path, adapter_dir: Path | None):
         load_adapter(model, adapter_dir)
         merge_lora(model)
     return model.eval()
+
+
+def save_hf_base(kind: str, path: Path, *, hidden: int, intermediate: int):
+    """A tiny random transformers model of ``kind`` (llama or qwen2) saved at ``path``; returns (path, its class)."""
+    import transformers
+    cls_cfg, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    cfg = cls_cfg(vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    cls_model(cfg).save_pretrained(path)
+    return path, cls_model
+
+
+def randomize_adapters(model, seed=1):
+    """Nonzero B for every adapter (a fresh adapter's B is zero, so it would change nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)

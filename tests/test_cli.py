@@ -1,25 +1,13 @@
 """The command line: every verb builds, and bad input is a one-line error with exit code 2 (no traceback)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from cubelm.cli import VERBS, build_parser
+from helpers import assert_clean_error, cubelm
 
 
-def cubelm(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cubelm", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cubelm: error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def test_every_verb_builds_and_has_help():

@@ -3,8 +3,6 @@ run equals an uninterrupted one, full fine-tuning exports an HF model, step 0 is
 and bad input is a one-line error with exit code 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from cubelm.finetune.config import LoraConfig
 from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
 from cubelm.finetune.trainer import FinetuneTrainer
 from cubelm.train.batches import IGNORE_INDEX
+from helpers import assert_clean_error, cubelm
 
 SMALL = dict(seq_len=96, micro_batch_size=4, max_steps=8, warmup_steps=1, eval_interval=4, checkpoint_interval=4,
              keep_last=3, lr=1e-2)
@@ -166,16 +165,6 @@ def test_full_finetune_exports_an_hf_model_with_the_tokenizer(base, rows, tmp_pa
     assert load_model(model_dir).config.vocab_size == trainer.model_config.vocab_size
 
 
-def cubelm(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "cubelm", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("cubelm: error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_cli_runs_and_bad_input_is_one_line_exit_2(base, rows, tmp_path):

@@ -7,6 +7,7 @@ from cubelm.finetune.adapter import load_adapter, save_adapter
 from cubelm.finetune.config import LoraConfig
 from cubelm.finetune.lora import apply_lora, lora_layers, merge_lora, num_trainable
 from cubelm.model.hf_io import load_model
+from lora_helpers import randomize_adapters, save_hf_base
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -14,21 +15,7 @@ peft = pytest.importorskip("peft")
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def base(request, tmp_path_factory):
-    cls_cfg, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[request.param]
-    cfg = cls_cfg(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp(request.param)
-    cls_model(cfg).save_pretrained(path)
-    return path, cls_model
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    return save_hf_base(request.param, tmp_path_factory.mktemp(request.param), hidden=64, intermediate=96)
 
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))

@@ -7,22 +7,19 @@ in-process, the same parser and error path without an interpreter start each (~4
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from cubelm.cli import main
 from hf_layouts import build_layout
+from helpers import assert_clean_error, cubelm
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 IDS = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(5))
 
-
-def cubelm(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cubelm", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -35,14 +32,6 @@ def cli(capsys):
         return subprocess.CompletedProcess(args, code, out, err)
     return run
 
-
-def assert_clean_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cubelm: error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def peft_adapter(base, out, seed=0, **lora):

@@ -16,6 +16,7 @@ from cubelm.finetune.lora import LoRALinear, apply_lora, lora_layers, merge_lora
 from cubelm.finetune.qlora import apply_qlora, dequantize_base, nf4_layers
 from cubelm.model.hf_io import load_model, save_model
 from cubelm.systems.memory import nf4_base_bytes, nf4_tensor_bytes
+from lora_helpers import randomize_adapters, save_hf_base
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -32,21 +33,7 @@ ALL = LoraConfig(r=4, lora_alpha=8)
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def base(request, tmp_path_factory):
     # hidden 72, intermediate 100, kv 36: no projection is a whole number of 64-blocks, so every tensor pads
-    cls_cfg, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[request.param]
-    cfg = cls_cfg(vocab_size=128, hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp(request.param)
-    cls_model(cfg).save_pretrained(path)
-    return path, cls_model
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    return save_hf_base(request.param, tmp_path_factory.mktemp(request.param), hidden=72, intermediate=100)
 
 
 def twin_with_dequantized_base(path, qlora_model, cfg):

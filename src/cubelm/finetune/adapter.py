@@ -11,8 +11,6 @@ renamed, as model checkpoints are.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from cubelm.errors import CubelmError
 from cubelm.finetune.config import LoraConfig
 from cubelm.finetune.lora import LoRALinear, apply_lora, lora_layers
+from cubelm.model.hf_io import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,8 +113,8 @@ def write_adapter(tensors: dict[str, torch.Tensor], cfg: LoraConfig, out_dir: st
               "alpha_pattern": cfg.alpha_pattern, "bias": "none", "fan_in_fan_out": False,
               "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "use_dora": False,
               "layers_to_transform": None, "layers_pattern": None, "revision": None}
-    _atomic(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
 
@@ -144,13 +143,3 @@ def _copy(layer: LoRALinear, parts: dict[str, torch.Tensor], name: str, path) ->
                               f"rank need {tuple(param.shape)}")
         param.copy_(tensor.to(param.dtype))
 
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,7 +13,6 @@ written by any world size resumes on any other, or in one process: each rank rea
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -23,7 +22,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from cubelm.errors import CubelmError
 from cubelm.finetune.adapter import read_adapter_tensors, write_adapter
 from cubelm.finetune.config import LoraConfig
-from cubelm.train.checkpoint import STATE_NAME, TrainerState, _fault_injection_pause, finish_checkpoint
+from cubelm.train.checkpoint import (STATE_NAME, TrainerState, _fault_injection_pause, finish_checkpoint,
+                                    reading_checkpoint)
 
 OPTIMIZER_NAME = "optimizer.pt"
 
@@ -104,17 +104,11 @@ def save_trainable_checkpoint(ckpt_root: Path, model, optimizer, state: TrainerS
 
 def load_trainable_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
     import json
-    try:
+    with reading_checkpoint(path):
         meta = json.loads((path / STATE_NAME).read_text())
         tensors = read_adapter_tensors(path)
         optim_state = torch.load(path / OPTIMIZER_NAME, weights_only=True, map_location="cpu")
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except CubelmError as e:
-        raise CubelmError(f"checkpoint {path} is corrupt: {e}; delete it to resume from an earlier one") from None
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CubelmError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {first_line}); "
-                          f"delete it to resume from an earlier one") from None
     weights = {f"{module}.{part}.weight": t for module, parts in tensors.items() for part, t in parts.items()}
     restore_trainable(model, optimizer, weights, optim_state, path)
     torch.set_rng_state(rng["cpu"])

@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the adapters run in their own dtype, which differs from x's when an NF4 base computes in bf16 inside an
         # fp32 model (both casts are no-ops otherwise); s * B(A x) == B(s * A x): scaling the (..., r) tensor
-        # instead of the (..., out) one saves a full-width temporary in forward and backward (docs/benchmarks.md)
+        # instead of the (..., out) one saves a full-width temporary in forward and backward
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scale)
         return self.base_layer(x) + delta.to(x.dtype)
 

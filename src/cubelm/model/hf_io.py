@@ -146,7 +146,9 @@ def stop_token_ids(model_dir: str | Path, tokenizer_eos_id: int | None = None) -
     return ids
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it into place: readers see the old file or
+    the whole new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -158,7 +160,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
 def save_model(model: CausalLM, model_dir: str | Path, *, dtype: torch.dtype | None = None,
@@ -176,12 +178,12 @@ def save_model(model: CausalLM, model_dir: str | Path, *, dtype: torch.dtype | N
     for stale in [model_dir / INDEX_NAME, model_dir / WEIGHTS_NAME, *model_dir.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        _atomic_write(model_dir / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        atomic_write(model_dir / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(model_dir / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            atomic_write(model_dir / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         _write_json(model_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,21 @@ def is_sharded(path: Path) -> bool:
     return (path / "dcp").is_dir()
 
 
+
+@contextmanager
+def reading_checkpoint(path: Path):
+    """What a torn or corrupt checkpoint raises while its files are read becomes one ``CubelmError`` that names it
+    and says what to do (a killed run must never end in a traceback on resume)."""
+    try:
+        yield
+    except CubelmError as e:
+        raise CubelmError(f"checkpoint {path} is corrupt: {e}; delete it to resume from an earlier one") from None
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CubelmError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {first_line}); "
+                          f"delete it to resume from an earlier one") from None
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
     """Restore model, optimizer and RNG in place from a single-process checkpoint; return the trainer state and
     the saved training config."""
@@ -143,17 +159,11 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
     if is_sharded(path):
         raise CubelmError(f"{path} is a sharded checkpoint from a distributed run; load it with "
                           f"cubelm.parallel.checkpoint.load_sharded_checkpoint (cubelm train --resume does)")
-    try:
+    with reading_checkpoint(path):
         meta = json.loads((path / STATE_NAME).read_text())
         model_state = load_state_dict(path)
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         rng = torch.load(path / "rng.pt", weights_only=True)
-    except CubelmError as e:
-        raise CubelmError(f"checkpoint {path} is corrupt: {e}; resume from an earlier one or start over") from None
-    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CubelmError(f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {first_line}); "
-                          f"delete it to resume from an earlier one") from None
     if model.config.tie_word_embeddings:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
     try:
