@@ -66,6 +66,7 @@ def run_generate(o: GenerateOptions) -> int:
     model = load_model(model_dir, device=device, dtype=o.dtype)
     if o.adapter:
         _merge_adapter(model, o.adapter)
+    num_params = sum(p.numel() for p in model.parameters())  # before the decode layout turns weights into buffers
     from cubelm.engine.decode_layout import apply_decode_layout
     apply_decode_layout(model)  # inference only (CPU): same logits, ~1.7x faster one-token steps
     tok = load_tokenizer(model_dir)
@@ -78,7 +79,7 @@ def run_generate(o: GenerateOptions) -> int:
     else:
         prompt_ids = tok.encode(o.prompt, add_special_tokens=True)  # a completion: Llama's <s> and the like
     eos = stop_token_ids(model_dir, tok.eos_token_id)  # generation_config.json's, else config.json's, + tokenizer's
-    print(f"[cubelm] loaded {model_dir} ({sum(p.numel() for p in model.parameters()):,} params) in "
+    print(f"[cubelm] loaded {model_dir} ({num_params:,} params) in "
           f"{time.perf_counter() - t0:.1f}s; prompt {len(prompt_ids)} tokens", file=sys.stderr)
     detok = IncrementalDetokenizer.for_tokenizer(tok, prompt_ids, skip_special_tokens=False)
     result = GenerationResult([], "length")

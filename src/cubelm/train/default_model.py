@@ -23,9 +23,9 @@ from cubelm.store import INSTRUCT_ADAPTER_NAME, cubelm_home, is_complete_model_d
 
 DEFAULT_VOCAB_SIZE = 4096
 HELD_OUT_PACKAGE = "tqdm"  # a cubelm dependency, so always installed; not part of the stdlib corpus
-# LoRA on stdlib-instruct sized for ~3 minutes on 2 CPU cores (examples up to 256 tokens: the context the model was
-# pretrained on); measured in docs/benchmarks.md
-INSTRUCT_RECIPE = dict(seq_len=256, micro_batch_size=8, max_steps=150, lr=3e-3, eval_interval=150,
+# LoRA on stdlib-instruct sized for at most ~3 minutes on 2 CPU cores (2 min 33 s in a fresh clone; README), on
+# examples up to 256 tokens: the context the model was pretrained on
+INSTRUCT_RECIPE = dict(seq_len=256, micro_batch_size=8, max_steps=300, lr=3e-3, eval_interval=150,
                        checkpoint_interval=50)
 INSTRUCT_LORA = dict(r=16, lora_alpha=32)
 
@@ -116,7 +116,7 @@ def _train_adapter(base: Path, work: Path, data: str, max_steps: int | None, log
     from cubelm.finetune.config import LoraConfig
     from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
     from cubelm.finetune.trainer import FinetuneTrainer
-    cfg = finetune_train_config("lora", **{**INSTRUCT_RECIPE, "max_steps": max_steps})
+    cfg = finetune_train_config("lora", **(INSTRUCT_RECIPE | ({"max_steps": max_steps} if max_steps else {})))
     ft = FinetuneConfig(model=str(base), data=data, lora=LoraConfig(**INSTRUCT_LORA),
                         max_val_examples=64)
     work.mkdir(parents=True, exist_ok=True)
