@@ -59,6 +59,8 @@ VERBS: list[Verb] = [
          "cubelm.finetune.lora_commands:MergeOptions:run_merge"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
          "cubelm.engine.commands:GenerateOptions:run_generate"),
+    Verb("bench decode", "Decode speed of the engine (batch 1 or N) against the host's memory-bandwidth bound.",
+         "cubelm.engine.bench:BenchDecodeOptions:run_bench_decode"),
     Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
          "cubelm.serve.commands:ServeOptions:run_serve"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
@@ -76,6 +78,7 @@ _GROUPS = {
     "model": "Create a random model from a preset, or show a model's config and size.",
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
+    "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 

@@ -1,0 +1,153 @@
+"""``cubelm bench decode``: decode speed of cubelm's engine alone, against the memory-bandwidth bound of the host.
+
+    cubelm bench decode --model small --rounds 3                # batch-1 decode of a seeded random `small`
+    cubelm bench decode --model DIR --batch 8 --json            # an HF directory, 8 sequences, one JSON object
+
+Each round builds the model and a fresh engine, adds ``--batch`` requests of the same ``--prompt-tokens`` seeded
+random ids, and times the steps: the prefill (until every request has its first token) and the decode steps after
+it (greedy, ``ignore_eos``). Between rounds it measures the read bandwidth, so the bound ``bandwidth / bytes read
+per step`` comes from the same minutes as the speed (the machines are shared and noisy). Bytes read per decode
+step = every weight once (of an untied input embedding only the rows looked up) + the K/V of the average context.
+The greedy token ids of the first round are reported, so runs in other dtypes or other engines can be compared
+token for token (``benchmarks/`` holds the side-by-side scripts).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from cubelm.cli import opt
+from cubelm.errors import CubelmError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+@dataclass(slots=True, kw_only=True)
+class BenchDecodeOptions:
+    model: str = opt("small", help="a preset (seeded random weights: tiny, small, base, ...) or an HF model directory",
+                     metavar="PRESET|DIR")
+    dtype: str = opt("float32", choices=sorted(DTYPES), help="weights and compute dtype")
+    batch: int = opt(1, help="sequences decoded together (1 = batch-1 decode)")
+    prompt_tokens: int = opt(128, help="prompt length in tokens (seeded random ids)")
+    new_tokens: int = opt(128, help="tokens generated per sequence")
+    rounds: int = opt(3, help="measurements; medians are reported")
+    device: str = opt("cpu", help="torch device: cpu, cuda, ...")
+    seed: int = opt(0, help="seed of the random weights (presets) and of the prompt ids")
+    json: bool = opt(False, help="print one JSON object (host, per-round figures, medians, token ids)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "prompt_tokens", "new_tokens", "rounds"):
+            if getattr(self, name) < 1:
+                raise CubelmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.new_tokens < 2:
+            raise CubelmError("--new-tokens must be >= 2 (the first token comes from the prefill)")
+
+
+def _load(o: BenchDecodeOptions):
+    from pathlib import Path
+
+    from cubelm.model.hf_io import load_model, resolve_device
+    device, dtype = resolve_device(o.device), DTYPES[o.dtype]
+    if Path(o.model).is_dir():
+        return load_model(o.model, device=device, dtype=dtype)
+    from cubelm.model.config import preset
+    from cubelm.model.transformer import build_model
+    try:
+        cfg = preset(o.model, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    except (CubelmError, KeyError, ValueError) as e:
+        raise CubelmError(f"--model {o.model}: neither a directory nor a preset ({e})") from None
+    import torch
+    return build_model(cfg, seed=o.seed).to(device=device, dtype=getattr(torch, dtype))
+
+
+def bytes_per_step(model, context: float, batch: int) -> float:
+    """Bytes one decode step reads: the weights once, the looked-up embedding rows, and every sequence's K/V."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if not cfg.tie_word_embeddings:  # the head reads its own matrix; the input table only its looked-up rows
+        weights -= embed.numel() * embed.element_size() - batch * embed.shape[1] * embed.element_size()
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * embed.element_size()
+    return weights + batch * context * kv_per_token
+
+
+def measure_round(model, o: BenchDecodeOptions) -> dict:
+    import torch
+
+    from cubelm.engine.config import EngineConfig
+    from cubelm.engine.llm_engine import LLMEngine
+    from cubelm.engine.params import SamplingParams
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (o.prompt_tokens,), generator=torch.Generator().manual_seed(o.seed)).tolist()
+    engine = LLMEngine(model, None, EngineConfig(
+        max_num_seqs=o.batch, max_num_batched_tokens=max(512, o.batch * o.prompt_tokens),
+        max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False), log=lambda m: None)
+    params = SamplingParams(temperature=0, max_tokens=o.new_tokens, ignore_eos=True, output_kind="delta")
+    for i in range(o.batch):
+        engine.add_request(f"r{i}", prompt, params)
+    got = {f"r{i}": [] for i in range(o.batch)}
+    t0 = time.perf_counter()
+    t_first = None
+    decode_steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id].extend(out.outputs[0].token_ids)
+        if t_first is None:
+            if all(got.values()):
+                t_first = time.perf_counter()
+        else:
+            decode_steps += 1
+    t_end = time.perf_counter()
+    if t_first is None or any(len(ids) != o.new_tokens for ids in got.values()):
+        raise CubelmError(f"the engine produced {[len(v) for v in got.values()]} tokens, expected {o.new_tokens}")
+    decode_s = t_end - t_first
+    return {"prefill_s": t_first - t0, "decode_s": decode_s, "decode_steps": decode_steps,
+            "decode_tok_s": o.batch * (o.new_tokens - 1) / decode_s, "step_ms": 1e3 * decode_s / decode_steps,
+            "token_ids": got["r0"]}
+
+
+def run_bench_decode(o: BenchDecodeOptions) -> int:
+    from cubelm.systems.host import describe_host, host_info, read_bandwidth
+    info = host_info()
+    rounds, bandwidths, step_bytes = [], [], 0.0
+    for _ in range(o.rounds):
+        bandwidths.append(read_bandwidth())
+        model = _load(o)  # fresh weights each round: the engine lays them out for decode in place
+        step_bytes = step_bytes or bytes_per_step(model, o.prompt_tokens + o.new_tokens / 2, o.batch)
+        num_params = model.config.num_params()
+        rounds.append(measure_round(model, o))
+    bandwidth = statistics.median(bandwidths)
+    step_ms = statistics.median(r["step_ms"] for r in rounds)
+    bound_ms = 1e3 * step_bytes / bandwidth
+    result = {
+        "host": info, "model": o.model, "dtype": DTYPES[o.dtype], "device": o.device, "batch": o.batch,
+        "prompt_tokens": o.prompt_tokens, "new_tokens": o.new_tokens,
+        "params": num_params,
+        "rounds": [{k: v for k, v in r.items() if k != "token_ids"} for r in rounds],
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rounds),
+        "prefill_s": statistics.median(r["prefill_s"] for r in rounds),
+        "step_ms": step_ms, "read_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_step": step_bytes,
+        "bandwidth_bound_step_ms": bound_ms, "fraction_of_bandwidth_bound": bound_ms / step_ms,
+        "greedy_tokens_agree_across_rounds": all(r["token_ids"] == rounds[0]["token_ids"] for r in rounds),
+        "token_ids": rounds[0]["token_ids"],
+    }
+    if o.json:
+        print(json.dumps(result))
+        return 0
+    print(f"host: {describe_host(info)}")
+    print(f"{o.model} ({DTYPES[o.dtype]}, {o.device}), batch {o.batch}, {o.prompt_tokens} prompt + {o.new_tokens} "
+          f"new tokens, {o.rounds} rounds")
+    for i, r in enumerate(rounds):
+        print(f"  round {i + 1}: decode {r['decode_tok_s']:8.1f} tok/s ({r['step_ms']:.2f} ms/step), prefill "
+              f"{r['prefill_s'] * 1e3:.0f} ms; read bandwidth {bandwidths[i] / 1e9:.1f} GB/s")
+    print(f"median: decode {result['decode_tok_s']:.1f} tok/s, {step_ms:.2f} ms/step; bandwidth bound "
+          f"{bound_ms:.2f} ms/step ({step_bytes / 2**20:.1f} MiB per step at {bandwidth / 1e9:.1f} GB/s): "
+          f"{result['fraction_of_bandwidth_bound']:.0%} of the bound")
+    if not result["greedy_tokens_agree_across_rounds"]:
+        print("warning: greedy tokens differ between rounds", file=sys.stderr)
+    return 0
