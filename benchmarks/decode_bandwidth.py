@@ -17,16 +17,7 @@ import time
 
 import torch
 
-
-def read_bandwidth(gib: float = 1.0, reps: int = 7) -> float:
-    x = torch.ones(int(gib * 2**30 / 4))
-    x.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times)
+from cubelm.systems.host import read_bandwidth
 
 
 def engine_decode(model, prompt, new_tokens, compile_model=False) -> float:
@@ -96,7 +87,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             save_model(model, d)
             for _ in range(a.rounds):  # interleaved: A B C A B C ...
-                results["bandwidth"].append(read_bandwidth())
+                results["bandwidth"].append(read_bandwidth(reps=7))
                 results["engine"].append(engine_decode(model, prompt, a.new_tokens))
                 results["reference"].append(reference_decode(model, prompt, a.new_tokens))
                 if a.with_hf:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -68,20 +67,6 @@ def measure(model_dir: str, method: str, seq_len: int, batch: int, steps: int, r
             "baseline_rss_mib": baseline}
 
 
-def host() -> str:
-    import torch
-    flags = set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{platform.machine()}, ISA {' '.join(isa) or 'unknown'}, torch {torch.__version__} "
-            f"(cpu capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
-
 
 def save_base(preset: str, seq_len: int, out: Path) -> None:
     from cubelm.model.config import preset as get_preset
@@ -124,7 +109,8 @@ def main() -> None:
 def report(a, methods: list[str], results: dict[str, list[dict]]) -> None:
     med = {m: {k: statistics.median(r[k] for r in results[m]) for k in ("tokens_per_s", "peak_rss_mib",
                                                                        "baseline_rss_mib")} for m in methods}
-    print(f"\nhost: {host()}")
+    from cubelm.systems.host import describe_host, host_info
+    print(f"\nhost: {describe_host(host_info())}")
     print(f"preset {a.preset}, {a.batch} x {a.seq_len} tokens per step (loss on the second half), LoRA r={a.lora_r} "
           f"on all 7 projections, {a.rounds} interleaved rounds of {a.steps} timed steps, medians:\n")
     print("| method | trainable parameters (of the base) | tokens/s | peak RSS (MiB) | peak RSS above the start "

@@ -35,19 +35,6 @@ from engine_throughput import workload  # noqa: E402
 CONFIGS = ("base", "base, LoRA on", "1 adapter", "4 adapters")
 
 
-def host_isa() -> str:
-    import platform
-
-    import torch
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    has = [isa for isa in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma") if f" {isa}" in flags]
-    return (f"{platform.machine()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, flags: "
-            f"{' '.join(has) or 'unknown'}, {torch.get_num_threads()} threads")
-
 
 def make_adapters(model_dir: str, out: Path, count: int, rank: int) -> list[Path]:
     import torch
@@ -155,7 +142,8 @@ def main() -> None:
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    print(f"host: {host_isa()}", flush=True)
+    from cubelm.systems.host import describe_host, host_info
+    print(f"host: {describe_host(host_info())}", flush=True)
     if a.kernels:
         kernels(a.rank, 4)
         return
