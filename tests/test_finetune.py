@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import assert_clean_error, cubelm
 
 from cubelm.finetune.config import LoraConfig
 from cubelm.finetune.recipe import FinetuneConfig, finetune_train_config
 from cubelm.finetune.trainer import FinetuneTrainer
 from cubelm.train.batches import IGNORE_INDEX
-from helpers import assert_clean_error, cubelm
 
 SMALL = dict(seq_len=96, micro_batch_size=4, max_steps=8, warmup_steps=1, eval_interval=4, checkpoint_interval=4,
              keep_last=3, lr=1e-2)
@@ -97,8 +97,8 @@ def test_lora_trains_adapters_only_and_exports_a_peft_adapter(lora_run, base):
 
 
 def test_peft_loads_the_exported_adapter_with_the_same_logits(lora_run, base):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import transformers
     out, trainer = lora_run
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out / "adapter")
     x = torch.randint(0, trainer.model_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))

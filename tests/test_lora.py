@@ -1,16 +1,14 @@
 """LoRA against peft on tiny random transformers models: the same logits both ways, merging, r(d+k) parameters."""
 
+import peft  # pinned in the test extra: a missing install must fail here, not skip
 import pytest
 import torch
+from lora_helpers import randomize_adapters, save_hf_base
 
 from cubelm.finetune.adapter import load_adapter, save_adapter
 from cubelm.finetune.config import LoraConfig
 from cubelm.finetune.lora import apply_lora, lora_layers, merge_lora, num_trainable
 from cubelm.model.hf_io import load_model
-from lora_helpers import randomize_adapters, save_hf_base
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

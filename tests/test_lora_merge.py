@@ -8,15 +8,14 @@ in-process, the same parser and error path without an interpreter start each (~4
 import json
 import subprocess
 
+import peft  # pinned in the test extra: a missing install must fail here, not skip
 import pytest
 import torch
+import transformers
+from helpers import assert_clean_error, cubelm
+from hf_layouts import build_layout
 
 from cubelm.cli import main
-from hf_layouts import build_layout
-from helpers import assert_clean_error, cubelm
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 IDS = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(5))
 

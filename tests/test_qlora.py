@@ -2,13 +2,14 @@
 counts against the planner, NF4Linear = F.linear on the dequantized weight (forward and backward), and a QLoRA model
 that equals its dequantized-base twin, trains only its adapters, merges to full precision and saves peft files."""
 
+import peft  # pinned in the test extra: a missing install must fail here, not skip
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_helpers import randomize_adapters, save_hf_base
 from torch import nn
 
-from cubelm.compress.nf4 import (NF4_VALUES, NF4Linear, dequantize_nf4, dequantize_scales, quantize_nf4,
-                                 quantize_scales)
+from cubelm.compress.nf4 import NF4_VALUES, NF4Linear, dequantize_nf4, dequantize_scales, quantize_nf4, quantize_scales
 from cubelm.errors import CubelmError
 from cubelm.finetune.adapter import read_adapter_tensors, save_adapter
 from cubelm.finetune.config import LoraConfig
@@ -16,10 +17,6 @@ from cubelm.finetune.lora import LoRALinear, apply_lora, lora_layers, merge_lora
 from cubelm.finetune.qlora import apply_qlora, dequantize_base, nf4_layers
 from cubelm.model.hf_io import load_model, save_model
 from cubelm.systems.memory import nf4_base_bytes, nf4_tensor_bytes
-from lora_helpers import randomize_adapters, save_hf_base
-
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 # QLoRA paper, Appendix E (= bitsandbytes' NF4 table)
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
