@@ -63,6 +63,8 @@ VERBS: list[Verb] = [
          "cubelm.engine.bench:BenchDecodeOptions:run_bench_decode"),
     Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
          "cubelm.serve.commands:ServeOptions:run_serve"),
+    Verb("quantize", "Write an int8 / int4 weight-quantized copy of a model directory that LLM and serve load.",
+         "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",

@@ -15,14 +15,15 @@ Formats, for a weight ``W`` of shape ``(out, in)`` (PyTorch's ``nn.Linear`` layo
 - **int4** (``method="int4"``, ``group_size`` g in {32, 64, 128}): symmetric, one scale per group of g
   consecutive inputs of a row. g must divide the model's hidden size (the input of most projections); a row whose
   length g does not divide (``tiny``'s MLP intermediate size 688 = 21·32 + 16) ends with a shorter group, and its
-  packed codes are padded with zero weights to whole 32-input blocks. As in llama.cpp's Q4_0, the scale carries the sign of the group's
-  largest-magnitude weight ``m``: ``scales[n, j] = m / -8``, so ``m`` itself maps to -8 exactly and all 16 codes
-  -8..7 are used (a plain ``absmax / 7`` leaves one unused); ``q = clamp(round(W / scale), -8, 7)``. Error at most
-  half a step except a weight of the opposite sign and the same magnitude as ``m``, clamped to 7 (one step).
-  Packing: ``qweight`` uint8 ``(out, 16 · ceil(in / 32))``; each aligned block of 32 inputs becomes 16 bytes where byte j holds
-  ``q[j] + 8`` in its low nibble and ``q[j + 16] + 8`` in its high nibble (one 16-byte load then unpacks to the
-  block's 32 values in order with two masks and a shift). ``scales`` fp32 ``(out, ceil(in / g))``. 4 + 32/g bits per
-  weight: 5 at g = 32, 4.25 at g = 128.
+  packed codes are padded with zero weights to whole 32-input blocks. As in llama.cpp's Q4_0, the scale carries
+  the sign of the group's largest-magnitude weight ``m``: ``scales[n, j] = m / -8``, so ``m`` itself maps to -8
+  exactly and all 16 codes -8..7 are used (a plain ``absmax / 7`` leaves one unused);
+  ``q = clamp(round(W / scale), -8, 7)``. Error at most half a step except a weight of the opposite sign and the
+  same magnitude as ``m``, clamped to 7 (one step).
+  Packing: ``qweight`` uint8 ``(out, 16 · ceil(in / 32))``; each aligned block of 32 inputs becomes 16 bytes where
+  byte j holds ``q[j] + 8`` in its low nibble and ``q[j + 16] + 8`` in its high nibble (one 16-byte load then
+  unpacks to the block's 32 values in order with two masks and a shift). ``scales`` fp32 ``(out, ceil(in / g))``.
+  4 + 32/g bits per weight: 5 at g = 32, 4.25 at g = 128.
 
 Why symmetric (no zero point): trained weights are close to zero-mean within a row and within a group, so an
 offset buys little range; without it the integer dot product of the codes with the quantized activations *is*
@@ -61,7 +62,7 @@ def check_hidden_size(method: str, group_size: int | None, hidden_size: int) -> 
     if method == "int4" and hidden_size % group_size:
         fits = [str(g) for g in GROUP_SIZES if hidden_size % g == 0]
         raise CubelmError(f"int4 group size {group_size} does not divide the model's hidden size {hidden_size}; "
-                          f"choose {' or '.join(fits)}" if fits else "use int8")
+                          + (f"choose {' or '.join(fits)}" if fits else "use int8"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,14 +23,18 @@ from dataclasses import dataclass
 from cubelm.cli import opt
 from cubelm.errors import CubelmError
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "int8": "int8",
+          "int4": "int4"}
+QUANTIZED = ("int8", "int4")  # fp32 compute over weight-only int8 / int4 (cubelm.compress.quantize)
 
 
 @dataclass(slots=True, kw_only=True)
 class BenchDecodeOptions:
     model: str = opt("small", help="a preset (seeded random weights: tiny, small, base, ...) or an HF model directory",
                      metavar="PRESET|DIR")
-    dtype: str = opt("float32", choices=sorted(DTYPES), help="weights and compute dtype")
+    dtype: str = opt("float32", choices=sorted(DTYPES), help="weights and compute dtype; int8 / int4: weight-only "
+                                                             "quantized at load, fp32 compute")
+    group_size: int = opt(32, help="int4: inputs per weight scale (32, 64 or 128)")
     batch: int = opt(1, help="sequences decoded together (1 = batch-1 decode)")
     prompt_tokens: int = opt(128, help="prompt length in tokens (seeded random ids)")
     new_tokens: int = opt(128, help="tokens generated per sequence")
@@ -45,6 +49,9 @@ class BenchDecodeOptions:
                 raise CubelmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2:
             raise CubelmError("--new-tokens must be >= 2 (the first token comes from the prefill)")
+        if DTYPES[self.dtype] == "int4":
+            from cubelm.compress.quantize import check_method
+            check_method("int4", self.group_size)
 
 
 def _load(o: BenchDecodeOptions):
@@ -52,8 +59,10 @@ def _load(o: BenchDecodeOptions):
 
     from cubelm.model.hf_io import load_model, resolve_device
     device, dtype = resolve_device(o.device), DTYPES[o.dtype]
+    quantization = dtype if dtype in QUANTIZED else None
+    dtype = "float32" if quantization else dtype
     if Path(o.model).is_dir():
-        return load_model(o.model, device=device, dtype=dtype)
+        return _quantize(load_model(o.model, device=device, dtype=dtype), quantization, o.group_size)
     from cubelm.model.config import preset
     from cubelm.model.transformer import build_model
     try:
@@ -61,13 +70,24 @@ def _load(o: BenchDecodeOptions):
     except (CubelmError, KeyError, ValueError) as e:
         raise CubelmError(f"--model {o.model}: neither a directory nor a preset ({e})") from None
     import torch
-    return build_model(cfg, seed=o.seed).to(device=device, dtype=getattr(torch, dtype))
+    model = build_model(cfg, seed=o.seed).to(device=device, dtype=getattr(torch, dtype))
+    return _quantize(model, quantization, o.group_size)
+
+
+def _quantize(model, method: str | None, group_size: int):
+    if method is None:
+        return model
+    from cubelm.compress.quantized_linear import apply_weight_quantization
+    return apply_weight_quantization(model, method, group_size)
 
 
 def bytes_per_step(model, context: float, batch: int) -> float:
-    """Bytes one decode step reads: the weights once, the looked-up embedding rows, and every sequence's K/V."""
+    """Bytes one decode step reads: the weights once, the looked-up embedding rows, and every sequence's K/V.
+    Quantized weights (buffers of ``QuantLinear``) count as stored: codes and scales."""
     cfg = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    weights += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                   if name.endswith((".qweight", ".scales")))
     embed = model.model.embed_tokens.weight
     if not cfg.tie_word_embeddings:  # the head reads its own matrix; the input table only its looked-up rows
         weights -= embed.numel() * embed.element_size() - batch * embed.shape[1] * embed.element_size()
@@ -125,7 +145,8 @@ def run_bench_decode(o: BenchDecodeOptions) -> int:
     step_ms = statistics.median(r["step_ms"] for r in rounds)
     bound_ms = 1e3 * step_bytes / bandwidth
     result = {
-        "host": info, "model": o.model, "dtype": DTYPES[o.dtype], "device": o.device, "batch": o.batch,
+        "host": info, "model": o.model, "dtype": DTYPES[o.dtype],
+        "group_size": o.group_size if DTYPES[o.dtype] == "int4" else None, "device": o.device, "batch": o.batch,
         "prompt_tokens": o.prompt_tokens, "new_tokens": o.new_tokens,
         "params": num_params,
         "rounds": [{k: v for k, v in r.items() if k != "token_ids"} for r in rounds],

@@ -31,10 +31,17 @@ class GenerateOptions:
     chat: bool = opt(False, help="send the prompt as one user message through the model's chat template")
     device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    quantization: str | None = opt(None, choices=["int8", "int4"], help="weight-only quantization at load: int8 "
+                                   "(per-row scales) or int4 (per-group scales); not needed for a `cubelm quantize` "
+                                   "directory")
+    quantization_group_size: int = opt(32, help="int4: inputs per scale (32, 64 or 128, dividing the hidden size)")
 
     def __post_init__(self) -> None:
         if not self.prompt:
             raise CubelmError("--prompt is empty; give some text to continue, e.g. --prompt 'def fibonacci(n):'")
+        if self.quantization is not None:
+            from cubelm.compress.quantize import check_method
+            check_method(self.quantization, self.quantization_group_size)
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -67,6 +74,9 @@ def run_generate(o: GenerateOptions) -> int:
     if o.adapter:
         _merge_adapter(model, o.adapter)
     num_params = sum(p.numel() for p in model.parameters())  # before the decode layout turns weights into buffers
+    if o.quantization:  # after the adapter merge (into float weights), before the decode layout
+        from cubelm.compress.quantized_linear import apply_weight_quantization
+        apply_weight_quantization(model, o.quantization, o.quantization_group_size)
     from cubelm.engine.decode_layout import apply_decode_layout
     apply_decode_layout(model)  # inference only (CPU): same logits, ~1.7x faster one-token steps
     tok = load_tokenizer(model_dir)

@@ -30,6 +30,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # default: max_loras
+    # weight-only quantization at load (cubelm.compress.quantize): None keeps the model's weights as they are
+    # (float, or an ahead-of-time quantized directory's); "int8" per-row scales, "int4" per-group scales
+    quantization: str | None = None
+    quantization_group_size: int = 32  # int4: inputs per scale (32, 64, 128)
+    quantize_head: bool = False  # quantize the output head too
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -40,6 +45,9 @@ class EngineConfig:
         for name in ("max_loras", "max_lora_rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CubelmError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.quantization is not None:
+            from cubelm.compress.quantize import check_method
+            check_method(self.quantization, self.quantization_group_size)
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < self.max_loras:

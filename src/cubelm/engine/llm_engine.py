@@ -50,6 +50,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         cfg = model.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if config.quantization is not None:  # before the decode layout, which then leaves the quantized ones alone
+            from cubelm.compress.quantized_linear import apply_weight_quantization
+            apply_weight_quantization(model, config.quantization, config.quantization_group_size,
+                                      include_head=config.quantize_head)
         self.pool = plan_pool(cfg, config, next(model.parameters()), self.max_model_len)
         if config.decode_layout:  # NOTE: in place: the engine owns the model it is given (inference only from now)
             from cubelm.engine.decode_layout import apply_decode_layout

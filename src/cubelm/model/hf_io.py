@@ -92,6 +92,9 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
     if not model_dir.is_dir():
         raise CubelmError(f"model directory {model_dir} does not exist")
     cfg = read_config_json(model_dir)
+    from cubelm.compress.quantized_io import load_quantized_model, read_quantization_config
+    if (qc := read_quantization_config(model_dir)) is not None:  # `cubelm quantize` output: int8/int4 projections
+        return load_quantized_model(model_dir, qc, device=device, dtype=dtype)
     dtype = resolve_dtype(dtype, device)
     state = load_state_dict(model_dir)
     if cfg.tie_word_embeddings:

@@ -48,6 +48,10 @@ class ServeOptions:
                                   "are used on CPU only)")
     dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
                                   "float16")
+    quantization: str | None = opt(None, choices=["int8", "int4"], help="weight-only quantization at load: int8 "
+                                   "(per-row scales) or int4 (per-group scales); not needed for a `cubelm quantize` "
+                                   "directory")
+    quantization_group_size: int = opt(32, help="int4: inputs per scale (32, 64 or 128, dividing the hidden size)")
     lora_modules: list[str] = opt([], help="serve a LoRA adapter, NAME=PATH (repeatable; peft's format): requests "
                                            "whose model is NAME run on it; checked before the server starts",
                                   metavar="NAME=PATH")
@@ -98,6 +102,9 @@ def run_serve(o: ServeOptions) -> int:
     _log_to_stderr()
     path = resolve_model_dir(o.model)
     resolve_dtype(o.dtype, resolve_device(o.device))  # a bad --device/--dtype fails now, not in the load thread
+    if o.quantization is not None:
+        from cubelm.compress.quantize import check_method
+        check_method(o.quantization, o.quantization_group_size)
     o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name)
     if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
         from cubelm.serve.lora import check_lora_modules, parse_lora_modules

@@ -51,7 +51,8 @@ class ServerState:
                 cfg = EngineConfig(kv_cache_memory=o.kv_cache_memory, max_num_seqs=o.max_num_seqs,
                                    max_model_len=o.max_model_len, num_blocks=o.num_blocks,
                                    enable_lora=o.enable_lora, max_loras=o.max_loras, max_lora_rank=o.max_lora_rank,
-                                   max_cpu_loras=o.max_cpu_loras)
+                                   max_cpu_loras=o.max_cpu_loras, quantization=o.quantization,
+                                   quantization_group_size=o.quantization_group_size)
                 self.engine = LLMEngine.from_model_dir(o.model, cfg, device=o.device, dtype=o.dtype)
                 self._register_lora_modules()
             self.tokenizer = self.engine.tokenizer
