@@ -120,6 +120,51 @@ static float row_int4(const int8_t *xq, const float *xd, const uint8_t *w, const
     return total;
 }
 
+#if defined(__AVX2__)
+/* Four output rows against one activation row: the activation block is loaded once for four weight rows, and four
+ * independent accumulators hide the FMA latency (one chain per row would wait on it every block). */
+static void rows4(const int8_t *xq, const float *xd, const void *W, const float *ws, int64_t n, int64_t K,
+                  int64_t G, int bits, float *out) {
+    const int64_t nb = (K + QB - 1) / QB;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    if (bits == 8) {
+        const int64_t full = K / QB;
+        const int8_t *w = (const int8_t *)W + n * K;
+        for (int64_t b = 0; b < full; b++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
+            const __m256 d = _mm256_set1_ps(xd[b]);
+            for (int r = 0; r < 4; r++) {
+                const __m256i s = dot_i8(x, _mm256_loadu_si256((const __m256i *)(w + r * K + b * QB)),
+                                         _mm256_setzero_si256());
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            float t = hsum(acc[r]);
+            if (K % QB) {
+                int32_t s = 0;
+                for (int64_t k = full * QB; k < K; k++) s += (int32_t)xq[k] * w[r * K + k];
+                t += (float)s * xd[full];
+            }
+            out[r] = t * ws[n + r];
+        }
+        return;
+    }
+    const int64_t ng = (K + G - 1) / G, per_group = G / QB, row = nb * (QB / 2);
+    const uint8_t *w = (const uint8_t *)W + n * row;
+    const float *s4 = ws + n * ng;
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
+        const int64_t g = b / per_group;
+        for (int r = 0; r < 4; r++) {
+            const __m256i s = dot_i8(x, unpack_int4(w + r * row + b * (QB / 2)), _mm256_setzero_si256());
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[b] * s4[r * ng + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]);
+}
+#endif
+
 /* bits 8: W int8 (N, K), ws (N,); bits 4: W uint8 (N, 16 * nb), ws (N, ceil(K/G)). Returns 0, or -1 if out of memory. */
 int qgemm(const float *x, const void *W, const float *ws, float *y, int64_t M, int64_t K, int64_t N, int bits,
           int64_t G, int nthreads) {
@@ -132,8 +177,24 @@ int qgemm(const float *x, const void *W, const float *ws, float *y, int64_t M, i
         return -1;
     }
     quantize_rows(x, M, K, xq, xd);
+#if defined(__AVX2__)
+    /* Measured (one thread, CPU time, base preset's 48 projections, AVX2 host): one row runs fastest one output at a
+     * time (int8 9.8 ms vs 14.8 ms four at a time, int4 8.7 vs 9.8; fp32 skinny_gemm 39 ms); from two rows on,
+     * four outputs at a time (int4 23 vs 28 ms at four rows, int8 equal). */
+    const int64_t N4 = M >= 2 ? N / 4 * 4 : 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
+    for (int64_t n = 0; n < N4; n += 4) {
+        for (int64_t m = 0; m < M; m++) {
+            float out[4];
+            rows4(xq + m * nb * QB, xd + m * nb, W, ws, n, K, G, bits, out);
+            for (int r = 0; r < 4; r++) y[m * N + n + r] = out[r];
+        }
+    }
+#else
+    const int64_t N4 = 0;
+#endif
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = N4; n < N; n++) {
         for (int64_t m = 0; m < M; m++) {
             const int8_t *q = xq + m * nb * QB;
             const float *d = xd + m * nb;
