@@ -195,3 +195,22 @@ def test_cli_bad_group_size(model_dir, tmp_path):
     from helpers import assert_clean_error, cubelm
     assert_clean_error(cubelm("quantize", "--model", model_dir, "--method", "int4", "--group-size", "48", "--out",
                               tmp_path / "x"), "group size must be one of 32, 64, 128")
+
+
+def test_bench_decode_quantized_matches_the_reference_generator(capsys):
+    from cubelm.cli import main
+    from cubelm.engine.params import SamplingParams
+    from cubelm.engine.reference import GenerationResult, generate_tokens
+    from cubelm.model.config import preset
+    assert main(["bench", "decode", "--model", "tiny", "--dtype", "int4", "--group-size", "64", "--rounds", "1",
+                 "--prompt-tokens", "12", "--new-tokens", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dtype"], report["group_size"]) == ("int4", 64)
+    cfg = preset("tiny", eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    model = apply_weight_quantization(build_model(cfg, seed=0).eval(), "int4", 64)
+    prompt = torch.randint(3, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    want = list(generate_tokens(model, prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                GenerationResult([], "length")))
+    assert report["token_ids"] == want
+    # the projections are read as int4 codes + scales, the tied embedding / head stays fp32
+    assert report["bytes_per_step"] < cfg.num_params() * 4 * 0.5

@@ -119,15 +119,18 @@ def measure_round(model, o: BenchDecodeOptions) -> dict:
             got[out.request_id].extend(out.outputs[0].token_ids)
         if t_first is None:
             if all(got.values()):
-                t_first = time.perf_counter()
+                t_first, cpu_first = time.perf_counter(), time.process_time()
         else:
             decode_steps += 1
-    t_end = time.perf_counter()
+    t_end, cpu_end = time.perf_counter(), time.process_time()
     if t_first is None or any(len(ids) != o.new_tokens for ids in got.values()):
         raise CubelmError(f"the engine produced {[len(v) for v in got.values()]} tokens, expected {o.new_tokens}")
     decode_s = t_end - t_first
     return {"prefill_s": t_first - t0, "decode_s": decode_s, "decode_steps": decode_steps,
             "decode_tok_s": o.batch * (o.new_tokens - 1) / decode_s, "step_ms": 1e3 * decode_s / decode_steps,
+            # CPU seconds of the whole process (all threads) per step: with one thread, immune to time slices lost
+            # to other jobs on a shared machine (not to their use of the memory bandwidth)
+            "step_cpu_ms": 1e3 * (cpu_end - cpu_first) / decode_steps,
             "token_ids": got["r0"]}
 
 
