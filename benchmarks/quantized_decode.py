@@ -41,7 +41,7 @@ def run_preset(name: str, args) -> None:
         for kind, group in kinds:
             model = copy.deepcopy(base)
             if kind != "fp32":
-                apply_weight_quantization(model, kind, group)
+                apply_weight_quantization(model, kind, group, include_head=args.include_head)
             step_bytes[kind] = bytes_per_step(model, o.prompt_tokens + o.new_tokens / 2, 1)
             r = measure_round(model, o)
             results[kind].append(r["decode_tok_s"])
@@ -50,7 +50,7 @@ def run_preset(name: str, args) -> None:
             del model
     fp32, fp32_cpu = statistics.median(results["fp32"]), statistics.median(cpu_ms["fp32"])
     print(f"{name} ({cfg.num_params() / 1e6:.1f}M params), batch 1, {o.prompt_tokens} prompt + {o.new_tokens} new "
-          f"tokens, {args.rounds} interleaved rounds")
+          f"tokens, {args.rounds} interleaved rounds, output head {'quantized' if args.include_head else 'fp32'}")
     for kind, group in kinds:
         med = statistics.median(results[kind])
         label = f"{kind} g={group}" if group else kind
@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (seeded random ids)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated")
+    p.add_argument("--include-head", action="store_true", help="quantize the output head too")
     p.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's); 1 keeps "
                    "OpenMP barriers out of the figures on a machine shared with other jobs")
     args = p.parse_args()
