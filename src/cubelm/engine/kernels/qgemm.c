@@ -4,10 +4,14 @@
  * 4-bit ones about a sixth. The kernel must then compute faster than the bytes arrive. Each input row is first
  * quantized to int8 in blocks of 32 (scale = block absmax / 127, code = round(x * 127 / absmax)); a block of 32
  * weights then costs one integer dot product:
- *  - AVX2: |x| (u8) times sign(w, x) (s8) with vpmaddubsw, pairs summed to int32 with vpmaddwd. The sign trick
- *    keeps both operands within 127 in magnitude, so the int16 pair sums (at most 2 * 127 * 127) never saturate,
- *    unlike the unsigned-offset trick (x + 128), which also needs a per-row weight-sum correction.
- *  - AVX-512 VNNI: vpdpbusd does maddubs + madd + add in one instruction (same sign trick, on 32 lanes of a
+ *  - AVX2, int8 weights: |x| (u8) times sign(w, x) (s8) with vpmaddubsw, pairs summed to int32 with vpmaddwd.
+ *    The sign trick keeps both operands within 127 in magnitude, so the int16 pair sums (at most 2 * 127 * 127)
+ *    never saturate, which the unsigned-offset trick (x + 128 against int8 weights) does not guarantee.
+ *  - AVX2, int4 weights: the stored codes are already unsigned (q + 8, 0..15), so they go straight into
+ *    vpmaddubsw against the signed activation codes (pair sums <= 2 * 15 * 127), and the offset is removed once
+ *    per group: sum(q x) = sum(code x) - 8 sum(x), with sum(x) per activation block computed once per call.
+ *    Measured against the sign trick on int4: equal at one row, ~10% less CPU time at four rows.
+ *  - AVX-512 VNNI: vpdpbusd does maddubs + madd + add in one instruction (same operands, on 32 lanes of a
  *    256-bit register via AVX512VL).
  *  - elsewhere: plain C with int32 sums (the same numbers).
  * The block's int32 sum is converted to float and accumulated with the product of the block's activation scale
@@ -61,10 +65,20 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline __m256i unpack_int4(const uint8_t *p) {
+/* The 32 stored codes (q + 8, unsigned 0..15) of one block; high nibbles are inputs 16..31. */
+static inline __m256i unpack_codes(const uint8_t *p) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);  /* high nibbles -> inputs 16..31 */
-    return _mm256_sub_epi8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+/* sum over the block of code * x, codes unsigned (<= 15) and x signed: no sign trick needed, and the int16 pair
+ * sums stay below 2 * 15 * 127. The "- 8 * sum(x)" of the offset is applied once per group (xcorr). */
+static inline __m256i dot_u4(__m256i codes, __m256i xq) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), codes, xq);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
@@ -95,19 +109,20 @@ static float row_int8(const int8_t *xq, const float *xd, const int8_t *w, int64_
     return total;
 }
 
-static float row_int4(const int8_t *xq, const float *xd, const uint8_t *w, const float *ws, int64_t K,
-                      int64_t G) {
+static float row_int4(const int8_t *xq, const float *xd, const float *xcorr, const uint8_t *w, const float *ws,
+                      int64_t K, int64_t G) {
     const int64_t nb = (K + QB - 1) / QB, per_group = G / QB; /* padded codes and activations are zeros */
     float total = 0.f;
 #if defined(__AVX2__)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const __m256i s = dot_i8(_mm256_loadu_si256((const __m256i *)(xq + b * QB)), unpack_int4(w + b * QB / 2),
-                                 _mm256_setzero_si256());
+        const __m256i s = dot_u4(unpack_codes(w + b * QB / 2), _mm256_loadu_si256((const __m256i *)(xq + b * QB)));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[b] * ws[b / per_group]), acc);
     }
     total = hsum(acc);
+    for (int64_t g = 0; g < (nb + per_group - 1) / per_group; g++) total -= ws[g] * xcorr[g];
 #else
+    (void)xcorr;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * QB / 2;
         const int8_t *q = xq + b * QB;
@@ -123,8 +138,8 @@ static float row_int4(const int8_t *xq, const float *xd, const uint8_t *w, const
 #if defined(__AVX2__)
 /* Four output rows against one activation row: the activation block is loaded once for four weight rows, and four
  * independent accumulators hide the FMA latency (one chain per row would wait on it every block). */
-static void rows4(const int8_t *xq, const float *xd, const void *W, const float *ws, int64_t n, int64_t K,
-                  int64_t G, int bits, float *out) {
+static void rows4(const int8_t *xq, const float *xd, const float *xcorr, const void *W, const float *ws, int64_t n,
+                  int64_t K, int64_t G, int bits, float *out) {
     const int64_t nb = (K + QB - 1) / QB;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     if (bits == 8) {
@@ -157,11 +172,15 @@ static void rows4(const int8_t *xq, const float *xd, const void *W, const float 
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QB));
         const int64_t g = b / per_group;
         for (int r = 0; r < 4; r++) {
-            const __m256i s = dot_i8(x, unpack_int4(w + r * row + b * (QB / 2)), _mm256_setzero_si256());
+            const __m256i s = dot_u4(unpack_codes(w + r * row + b * (QB / 2)), x);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(xd[b] * s4[r * ng + g]), acc[r]);
         }
     }
-    for (int r = 0; r < 4; r++) out[r] = hsum(acc[r]);
+    for (int r = 0; r < 4; r++) {
+        float t = hsum(acc[r]);
+        for (int64_t gi = 0; gi < ng; gi++) t -= s4[r * ng + gi] * xcorr[gi];
+        out[r] = t;
+    }
 }
 #endif
 
@@ -177,6 +196,20 @@ int qgemm(const float *x, const void *W, const float *ws, float *y, int64_t M, i
         return -1;
     }
     quantize_rows(x, M, K, xq, xd);
+    /* int4: per activation row and weight group, 8 * sum over the group's blocks of xd * sum(codes of x); the
+     * kernels take codes + 8 as unsigned bytes and subtract this, scaled by the group's weight scale, once. */
+    float *xcorr = calloc((size_t)(M * (ngroups > 0 ? ngroups : 1)), sizeof(float));
+    if (xcorr == NULL) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
+    for (int64_t m = 0; bits == 4 && m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t sx = 0;
+            for (int i = 0; i < QB; i++) sx += xq[(m * nb + b) * QB + i];
+            xcorr[m * ngroups + b / (G / QB)] += 8.f * (float)sx * xd[m * nb + b];
+        }
 #if defined(__AVX2__)
     /* Measured (one thread, CPU time, base preset's 48 projections, AVX2 host): one row runs fastest one output at a
      * time (int8 9.8 ms vs 14.8 ms four at a time, int4 8.7 vs 9.8; fp32 skinny_gemm 39 ms); from two rows on,
@@ -186,7 +219,7 @@ int qgemm(const float *x, const void *W, const float *ws, float *y, int64_t M, i
     for (int64_t n = 0; n < N4; n += 4) {
         for (int64_t m = 0; m < M; m++) {
             float out[4];
-            rows4(xq + m * nb * QB, xd + m * nb, W, ws, n, K, G, bits, out);
+            rows4(xq + m * nb * QB, xd + m * nb, xcorr + m * ngroups, W, ws, n, K, G, bits, out);
             for (int r = 0; r < 4; r++) y[m * N + n + r] = out[r];
         }
     }
@@ -199,10 +232,12 @@ int qgemm(const float *x, const void *W, const float *ws, float *y, int64_t M, i
             const int8_t *q = xq + m * nb * QB;
             const float *d = xd + m * nb;
             y[m * N + n] = bits == 8 ? row_int8(q, d, (const int8_t *)W + n * K, K) * ws[n]
-                                     : row_int4(q, d, (const uint8_t *)W + n * nb * (QB / 2), ws + n * ngroups, K, G);
+                                     : row_int4(q, d, xcorr + m * ngroups, (const uint8_t *)W + n * nb * (QB / 2),
+                                                ws + n * ngroups, K, G);
         }
     }
     free(xq);
     free(xd);
+    free(xcorr);
     return 0;
 }
