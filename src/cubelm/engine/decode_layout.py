@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cubelm.engine.kernels import rmsnorm, skinny_gemm
-from cubelm.model.layers import RMSNorm
+from cubelm.engine.kernels import skinny_gemm
 from cubelm.model.seam import replace_module
 
 
@@ -60,22 +59,6 @@ class BlockedLinear(nn.Module):
             y = torch.bmm(x2.unsqueeze(0).expand(self.parts, -1, -1), self.weight_blocks)  # (P, M, B)
             y = y.transpose(0, 1).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-class NativeRMSNorm(nn.Module):
-    """Stands where an ``RMSNorm`` was: the same function in one native call (``kernels/rmsnorm.c``) for fp32 on
-    CPU, the module's own eager ops otherwise. A decode step runs 2 * layers + 1 norms, each otherwise six or seven
-    dispatches over a few hundred floats."""
-
-    def __init__(self, norm: RMSNorm):
-        super().__init__()
-        self.norm = norm
-        self.use_kernel = rmsnorm.supports(norm.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            return rmsnorm.rms_norm(x, self.norm.weight, self.norm.eps)
-        return self.norm(x)
 
 
 class _Fused:
@@ -128,8 +111,9 @@ def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
 
 def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module:
     """Fuse q/k/v and gate/up, then swap the remaining ``nn.Linear`` modules of the decoder and the head for
-    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64) and every
-    ``RMSNorm`` for a ``NativeRMSNorm``. Idempotent.
+    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64), and the decoder
+    layers for ``FusedDecoderLayer`` (their elementwise work in native kernels: ``cubelm.engine.fused_decode``).
+    Idempotent.
 
     CPU only: on other devices the model is returned unchanged (cuBLAS already streams few-row GEMMs well, and
     the native kernels are CPU code), so callers can apply it whatever the device."""
@@ -139,12 +123,11 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
     for layer in getattr(getattr(model, "model", None), "layers", []):
         _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], block)
         _fuse(layer.mlp, ["gate_proj", "up_proj"], block)
-    for name, norm in [(n, m) for n, m in model.named_modules() if type(m) is RMSNorm]:
-        replace_module(model, name, NativeRMSNorm(norm))
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, linear in targets:
         width = block if block and linear.out_features % block == 0 else None
         if width is None and name == "lm_head" and linear.out_features % 64 == 0:
             width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
         replace_module(model, name, BlockedLinear(linear, width))
-    return model
+    from cubelm.engine.fused_decode import apply_fused_layers  # imports this module: imported late
+    return apply_fused_layers(model)

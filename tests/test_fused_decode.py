@@ -1,0 +1,120 @@
+"""The fused decode kernels (``kernels/decode_ops.c``) and ``FusedDecoderLayer`` compute what the eager model does."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cubelm.engine.decode_layout import apply_decode_layout
+from cubelm.engine.fused_decode import FusedDecoderLayer, NativeRMSNorm, apply_fused_layers
+from cubelm.engine.kernels import decode_ops
+from cubelm.model.config import ModelConfig
+from cubelm.model.layers import RMSNorm, RotaryEmbedding, apply_rope
+from cubelm.model.transformer import build_model
+
+needs_kernels = pytest.mark.skipif(not decode_ops.available(),
+                                   reason="native kernels unavailable (no C compiler, or CUBELM_KERNELS=0)")
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _strided(rows, cols, g):
+    """A (rows, cols) view whose rows are further apart than cols (a column slice of a wider output)."""
+    return torch.randn(rows, cols + 7, generator=g)[:, 3:3 + cols]
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 70])  # 70: the rows are split over threads
+@pytest.mark.parametrize("dim", [384, 100])
+def test_rms_norm_and_add_rms_norm(rows, dim):
+    g = torch.Generator().manual_seed(rows + dim)
+    norm = RMSNorm(dim, eps=1e-5)
+    norm.weight.data.normal_(generator=g)
+    x = _strided(rows, dim, g) * 3
+    torch.testing.assert_close(decode_ops.rms_norm(x, norm.weight.data, norm.eps), norm(x).detach(), **TOL)
+    residual, delta = torch.randn(rows, dim, generator=g), _strided(rows, dim, g)
+    want_x = residual + delta
+    got = decode_ops.add_rms_norm(residual, delta, norm.weight.data, norm.eps)
+    torch.testing.assert_close(residual, want_x, rtol=0, atol=0)  # the add is in place and exact
+    torch.testing.assert_close(got, norm(want_x).detach(), **TOL)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 80])
+def test_rope_in_place_on_a_fused_qkv_output(rows):
+    Hq, Hkv, D = 6, 2, 64
+    cfg = ModelConfig(vocab_size=32, hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv,
+                      intermediate_size=64, num_hidden_layers=1, rope_theta=10000.0)
+    g = torch.Generator().manual_seed(rows)
+    positions = torch.randint(0, 4000, (1, rows), generator=g)
+    cos, sin = RotaryEmbedding(cfg)(positions, torch.float32)
+    qkv = torch.randn(rows, (Hq + 2 * Hkv) * D, generator=g)
+    q = qkv[:, :Hq * D].reshape(1, rows, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].reshape(1, rows, Hkv, D)
+    want_q, want_k, want_v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), qkv[:, (Hq + Hkv) * D:].clone()
+    decode_ops.rope_(qkv[:, :(Hq + Hkv) * D], cos.reshape(rows, D), sin.reshape(rows, D), D)
+    torch.testing.assert_close(qkv[:, :Hq * D].reshape(1, rows, Hq, D), want_q, **TOL)
+    torch.testing.assert_close(qkv[:, Hq * D:(Hq + Hkv) * D].reshape(1, rows, Hkv, D), want_k, **TOL)
+    assert torch.equal(qkv[:, (Hq + Hkv) * D:], want_v)  # v is not rotated
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_silu_mul(rows):
+    g = torch.Generator().manual_seed(rows)
+    gu = torch.randn(rows, 2 * 1000, generator=g) * 6
+    gate, up = gu[:, :1000], gu[:, 1000:]
+    torch.testing.assert_close(decode_ops.silu_mul(gate, up), F.silu(gate) * up, **TOL)
+
+
+def _cfg(**kw):
+    return ModelConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128), **kw})
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", [True, False])  # fused projections (one GEMM for q/k/v) or plain nn.Linear
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layers_give_the_eager_logits(layout, bias):
+    model = build_model(_cfg(attention_bias=bias, mlp_bias=bias), seed=0).eval()
+    fused = copy.deepcopy(model)
+    fused = apply_decode_layout(fused) if layout else apply_fused_layers(fused)
+    assert all(type(layer) is FusedDecoderLayer for layer in fused.model.layers)
+    assert type(fused.model.norm) is NativeRMSNorm
+    norms = {k for k in model.state_dict() if "norm" in k}  # same names: the layers keep their submodules
+    assert norms and fused.state_dict().keys() >= norms
+    for length in (1, 2, 9, 40):
+        ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(ids), model(ids), atol=2e-5, rtol=1e-5)
+
+
+def test_other_dtypes_take_the_eager_path():
+    model = build_model(_cfg(), seed=0).eval()
+    fused = apply_fused_layers(copy.deepcopy(model)).double()
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids), model.double()(ids), rtol=0, atol=0)
+
+
+def test_engine_greedy_tokens_same_fused_or_eager():
+    """The engine with the fused layers (decode layout on) gives the greedy tokens of the eager model (layout off),
+    through prefill chunks, decode steps and a mixed batch."""
+    from cubelm.engine.config import EngineConfig
+    from cubelm.engine.llm_engine import LLMEngine
+    from cubelm.engine.params import SamplingParams
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in (5, 17, 40, 2)]
+    outs = []
+    for layout in (True, False):
+        engine = LLMEngine(build_model(_cfg(), seed=1).eval(), None,
+                           EngineConfig(decode_layout=layout, num_blocks=64, max_num_batched_tokens=32),
+                           log=lambda m: None)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        got = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got[out.request_id] = out.outputs[0].token_ids
+        outs.append([got[str(i)] for i in range(len(prompts))])
+    assert outs[0] == outs[1]
