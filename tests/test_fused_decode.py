@@ -118,3 +118,42 @@ def test_engine_greedy_tokens_same_fused_or_eager():
                 got[out.request_id] = out.outputs[0].token_ids
         outs.append([got[str(i)] for i in range(len(prompts))])
     assert outs[0] == outs[1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kw", [dict(), dict(attention_bias=True, mlp_bias=True), dict(sliding_window=6),
+                                dict(num_key_value_heads=4, head_dim=32)])
+def test_native_step_equals_the_module_path(kw):
+    """Decode steps through the one-call native step give the tokens and logprobs of the module path, for 1..8
+    rows, with biases, a sliding window and without GQA, over contexts that span several blocks."""
+    from cubelm.engine.config import EngineConfig
+    from cubelm.engine.llm_engine import LLMEngine
+    from cubelm.engine.params import SamplingParams
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in (3, 11, 20, 7, 2, 9, 30, 5)]
+    runs = []
+    for native in (True, False):
+        engine = LLMEngine(build_model(_cfg(**kw), seed=2).eval(), None,
+                           EngineConfig(num_blocks=96, block_size=4, max_num_batched_tokens=64), log=lambda m: None)
+        step, rows = engine.runner.native_step, []
+        assert step is not None
+        if native:  # count the rows of each native call
+            engine.runner.native_step = type("Counting", (), {"MAX_ROWS": step.MAX_ROWS, "__call__": staticmethod(
+                lambda ids, pos, meta: rows.append(ids.shape[1]) or step(ids, pos, meta))})()
+        else:
+            engine.runner.native_step = None
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3))
+        got = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.outputs[0].logprobs)
+        runs.append((got, rows))
+    (native, rows), (plain, _) = runs
+    assert rows and max(rows) == 8 and min(rows) < 8
+    assert native.keys() == plain.keys()
+    for rid in native:
+        assert [r.token_id for r in native[rid]] == [r.token_id for r in plain[rid]]
+        for a, b in zip(native[rid], plain[rid]):
+            assert a.top.keys() == b.top.keys()
+            assert max(abs(a.top[t] - b.top[t]) for t in a.top) < 1e-4

@@ -35,6 +35,12 @@ class ModelRunner:
         self.compiled = compile_model
         self.decode_hidden_states = (torch.compile(model.hidden_states, dynamic=True) if compile_model
                                      else model.hidden_states)
+        # Steps of a few decode rows run every layer in one native call when the model is in the CPU decode layout
+        # (cubelm.engine.native_step); None otherwise (adapters, other dtypes or devices, compile, no compiler).
+        self.native_step = None
+        if not compile_model and lora_context is None and self.attn.use_kernel:
+            from cubelm.engine.native_step import NativeDecodeStep
+            self.native_step = NativeDecodeStep.build(model, self.k_cache, self.v_cache, block_size)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -98,8 +104,11 @@ class ModelRunner:
         ``lora_slots[i]`` is the adapter slot of ``seqs[i]`` (-1 = base model)."""
         ids, positions, meta, first = self.prepare(seqs, num_new, starts, lora_slots)
         self.attn.meta = meta
-        forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
-        hidden = forward(ids, positions, self.attn)  # (1, N, h)
+        if self.native_step is not None and not meta.prefills and meta.num_decodes <= self.native_step.MAX_ROWS:
+            hidden = self.native_step(ids, positions, meta)
+        else:
+            forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
+            hidden = forward(ids, positions, self.attn)  # (1, N, h)
         rows, offsets = [], []
         for i, n in enumerate(num_new):
             offsets.append(len(rows))
