@@ -157,3 +157,20 @@ def test_native_step_equals_the_module_path(kw):
         for a, b in zip(native[rid], plain[rid]):
             assert a.top.keys() == b.top.keys()
             assert max(abs(a.top[t] - b.top[t]) for t in a.top) < 1e-4
+
+
+@pytest.mark.parametrize("flags,want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                        ({"amx_bf16", "amx_tile"}, torch.bfloat16)])
+def test_auto_dtype_follows_the_cpu(monkeypatch, capsys, flags, want):
+    from cubelm.model import hf_io
+    from cubelm.systems import host
+    monkeypatch.setattr(host, "cpu_flags", lambda: flags)
+    assert hf_io.inference_dtype("auto", "cpu") == want
+    assert hf_io.inference_dtype("float32", "cpu") == torch.float32
+    monkeypatch.delenv("CUBELM_FORCE_BF16", raising=False)
+    if want == torch.float32:  # bf16 asked for on a CPU without it: a warning, and float32
+        assert hf_io.inference_dtype("bfloat16", "cpu") == torch.float32
+        err = capsys.readouterr().err
+        assert err.startswith("cubelm: warning: ") and "no bf16 instructions" in err and err.count("\n") == 1
+        monkeypatch.setenv("CUBELM_FORCE_BF16", "1")
+    assert hf_io.inference_dtype("bfloat16", "cpu") == torch.bfloat16

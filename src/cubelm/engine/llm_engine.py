@@ -99,8 +99,9 @@ class LLMEngine:
     @classmethod
     def from_model_dir(cls, model_dir, config: EngineConfig | None = None, *, device="cpu", dtype="auto", log=None):
         from cubelm.data.tokenizer import load_tokenizer
-        from cubelm.model.hf_io import load_model, stop_token_ids
+        from cubelm.model.hf_io import inference_dtype, load_model, stop_token_ids
         tokenizer = load_tokenizer(model_dir)
+        dtype = inference_dtype(dtype, device)  # auto: bf16 where the CPU has bf16 instructions
         engine = cls(load_model(model_dir, device=device, dtype=dtype), tokenizer, config, log=log)
         engine.eos_token_ids = frozenset(stop_token_ids(model_dir, tokenizer.eos_token_id))
         return engine

@@ -46,8 +46,8 @@ class ServeOptions:
     max_request_bytes: int = opt(16 * 2**20, help="largest request body accepted; larger is a 413")
     device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ... (the CPU decode layout and native kernels "
                                   "are used on CPU only)")
-    dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
-                                  "float16")
+    dtype: str = opt("auto", help="compute dtype: auto (bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, "
+                                  "else float32), float32, bfloat16, float16")
     lora_modules: list[str] = opt([], help="serve a LoRA adapter, NAME=PATH (repeatable; peft's format): requests "
                                            "whose model is NAME run on it; checked before the server starts",
                                   metavar="NAME=PATH")
