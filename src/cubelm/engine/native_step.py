@@ -35,33 +35,29 @@ def _load():
     return _fn or None
 
 
-def _blocked(mod) -> BlockedLinear | None:
-    return mod if type(mod) is BlockedLinear and mod.use_kernel else None
+def describe_linear(mod) -> tuple[list, list[torch.Tensor]] | None:
+    """The C descriptor of a linear (weight, scales, bias, kind, a, b; see decode_step.c) and the tensors it points
+    into, or None for a kind the native step does not run."""
+    if type(mod) is BlockedLinear and mod.use_kernel:
+        tensors = [mod.weight_blocks] + ([] if mod.bias is None else [mod.bias])
+        return [mod.weight_blocks.data_ptr(), 0, 0 if mod.bias is None else mod.bias.data_ptr(), 0, mod.parts,
+                mod.weight_blocks.shape[2]], tensors
+    return None
 
 
 class NativeDecodeStep:
     MAX_ROWS = skinny_gemm.MAX_ROWS
 
-    def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, layers: list):
+    def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, table: list[list[int]],
+                 keep: list[torch.Tensor], eps: float):
         cfg = model.config
-        self.model, self.k_cache, self.v_cache = model, k_cache, v_cache
+        self.model, self.k_cache, self.v_cache, self._keep = model, k_cache, v_cache, keep
         D = cfg.head_dim
-        first = layers[0]
-        self.eps, self.scale = float(first[0].input_layernorm.eps), D ** -0.5
-        qkv0, o0, gu0, down0 = first[1:]
+        self.eps, self.scale = eps, D ** -0.5
         self.dims = torch.tensor([cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, D,
-                                  cfg.intermediate_size, len(layers), block_size, cfg.sliding_window or 0,
-                                  k_cache.shape[1], qkv0.parts, qkv0.weight_blocks.shape[2], o0.parts,
-                                  o0.weight_blocks.shape[2], gu0.parts, gu0.weight_blocks.shape[2], down0.parts,
-                                  down0.weight_blocks.shape[2]], dtype=torch.int64)
-        rows, self._keep = [], []
-        for layer, qkv, o, gu, down in layers:
-            tensors = [layer.input_layernorm.weight, qkv.weight_blocks, qkv.bias, o.weight_blocks, o.bias,
-                       layer.post_attention_layernorm.weight, gu.weight_blocks, gu.bias, down.weight_blocks,
-                       down.bias]
-            rows.append([0 if t is None else t.data_ptr() for t in tensors])
-            self._keep.extend(t for t in tensors if t is not None)
-        self.ptrs = torch.tensor(rows, dtype=torch.int64)
+                                  cfg.intermediate_size, len(table), block_size, cfg.sliding_window or 0,
+                                  k_cache.shape[1]], dtype=torch.int64)
+        self.ptrs = torch.tensor(table, dtype=torch.int64)
         per_row = 2 * cfg.hidden_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D + \
             2 * cfg.num_attention_heads * D + 3 * cfg.intermediate_size
         self.scratch = torch.empty(self.MAX_ROWS * per_row, dtype=torch.float32)
@@ -69,28 +65,36 @@ class NativeDecodeStep:
     @classmethod
     def build(cls, model, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> "NativeDecodeStep | None":
         """The native step for this model and pool, or None when any layer or the pool is not in its form."""
-        layers_mod = getattr(getattr(model, "model", None), "layers", None)
-        if not layers_mod or k_cache.dtype != torch.float32 or k_cache.device.type != "cpu" or \
+        cfg = getattr(model, "config", None)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not layers or k_cache.dtype != torch.float32 or k_cache.device.type != "cpu" or \
                 not k_cache.is_contiguous() or not v_cache.is_contiguous() or _load() is None:
             return None
-        layers, shapes = [], set()
-        for layer in layers_mod:
+        table, keep, eps = [], [], set()
+        q_n, kv_n = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        for layer in layers:
             if type(layer) is not FusedDecoderLayer:
                 return None
-            sa, mlp = layer.self_attn, layer.mlp
-            mods = (_shared_fused(sa.q_proj, sa.k_proj, sa.v_proj), _blocked(sa.o_proj),
-                    _shared_fused(mlp.gate_proj, mlp.up_proj), _blocked(mlp.down_proj))
-            if not all(_blocked(m) for m in mods) or layer.input_layernorm.weight.dtype != torch.float32:
+            sa, mlp, norms = layer.self_attn, layer.mlp, (layer.input_layernorm, layer.post_attention_layernorm)
+            linears = (_shared_fused(sa.q_proj, sa.k_proj, sa.v_proj), sa.o_proj,
+                       _shared_fused(mlp.gate_proj, mlp.up_proj), mlp.down_proj)
+            shapes = [(cfg.hidden_size, q_n + 2 * kv_n), (q_n, cfg.hidden_size),
+                      (cfg.hidden_size, 2 * cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)]
+            row = [n.weight.data_ptr() for n in norms]
+            keep.extend(n.weight for n in norms)
+            for mod, (k, n) in zip(linears, shapes):
+                desc = None if mod is None else describe_linear(mod)
+                if desc is None or (mod.in_features, mod.out_features) != (k, n):
+                    return None
+                row.extend(desc[0])
+                keep.extend(desc[1])
+            if any(n.weight.dtype != torch.float32 for n in norms):
                 return None
-            if mods[0].out_features != (sa.num_heads + 2 * sa.num_kv_heads) * sa.head_dim or \
-                    mods[2].out_features != 2 * mods[3].in_features:
-                return None
-            shapes.add(tuple((m.parts, m.weight_blocks.shape[2], m.bias is None) for m in mods))
-            layers.append((layer, *mods))
-        if len(shapes) != 1 or len({float(layer.input_layernorm.eps) for layer, *_ in layers} |
-                                   {float(layer.post_attention_layernorm.eps) for layer, *_ in layers}) != 1:
-            return None  # per-layer shapes or norms differ: not what the table describes
-        return cls(model, k_cache, v_cache, block_size, layers)
+            eps.update(float(n.eps) for n in norms)
+            table.append(row)
+        if len(eps) != 1:
+            return None  # norms with different eps: the call takes one
+        return cls(model, k_cache, v_cache, block_size, table, keep, eps.pop())
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """ids, positions (1, S) of S decode rows -> final hidden states (1, S, hidden), K/V written."""
@@ -104,6 +108,8 @@ class NativeDecodeStep:
                      sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), S, tables.shape[1],
                      self.k_cache.data_ptr(), self.v_cache.data_ptr(), self.scratch.data_ptr(),
                      torch.get_num_threads())
-        if failed:
+        if failed == 1:
             raise MemoryError("decode step: out of memory for the attention's score buffers")
+        if failed:
+            raise RuntimeError(f"decode step: kernel error {failed} (a linear kind decode_step.c does not know)")
         return inner.norm(x)

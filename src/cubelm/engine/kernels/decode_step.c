@@ -8,13 +8,13 @@
  * shapes (cubelm.engine.native_step), and each step is one call. The building blocks are the same kernels the
  * module path calls (included below), so both paths compute the same numbers in the same order.
  *
- * Per-layer pointers (ptrs, NPTR int64 per layer; 0 = no bias):
- *   norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, b_gate_up, w_down, b_down
- * Weights are in the decode layout's tile-major (P, K, Nb) blocks (decode_layout.BlockedLinear); q/k/v and
- * gate/up are fused (outputs q | k | v and gate | up).
- * dims: hidden, Hq, Hkv, D, inter, layers, block_size, window, slots_per_layer,
- *       qkv_P, qkv_Nb, o_P, o_Nb, gu_P, gu_Nb, down_P, down_Nb
- * scale is the attention's 1/sqrt(D) as the Python path rounds it.
+ * Per layer, a table of NCOL int64 (ptrs): the two norm weights, then four linears (fused q/k/v, o_proj, fused
+ * gate/up, down_proj), each described by LIN values: weight, scales, bias (0 = none), kind, a, b. Kind 0 is fp32 in
+ * the decode layout's tile-major (P, K, Nb) blocks (decode_layout.BlockedLinear; a = P, b = Nb): skinny_gemm.c.
+ * q/k/v and gate/up are fused (outputs q | k | v and gate | up).
+ * dims: hidden, Hq, Hkv, D, inter, layers, block_size, window, slots_per_layer
+ * scale is the attention's 1/sqrt(D) as the Python path rounds it. Returns 0; 1 when the attention's score buffers
+ * cannot be allocated; 2 for a linear kind this build does not know.
  * x (S, hidden) is the residual stream, updated in place; cos/sin (S, D); slots (S,) where each row's K/V goes;
  * block tables (S, max_blocks) and context lengths (S,) as in paged_decode.c; caches (layers, slots_per_layer,
  * Hkv, D); scratch holds S * (2 * hidden + (Hq + 2 * Hkv) * D + 2 * Hq * D + 3 * inter) floats.
@@ -25,10 +25,11 @@
 #include "paged_decode.c"
 #include "skinny_gemm.c"
 
-enum { NORM1, W_QKV, B_QKV, W_O, B_O, NORM2, W_GU, B_GU, W_DOWN, B_DOWN, NPTR };
-enum { HIDDEN, HQ, HKV, HD, INTER, LAYERS, BLOCK, WINDOW, SLOTS, QKV_P, QKV_NB, O_P, O_NB, GU_P, GU_NB, DN_P, DN_NB };
+enum { W, SCALES, BIAS, KIND, ARG_A, ARG_B, LIN };                        /* one linear's descriptor */
+enum { NORM1, NORM2, QKV, O = QKV + LIN, GU = O + LIN, DOWN = GU + LIN, NCOL = DOWN + LIN };
+enum { HIDDEN, HQ, HKV, HD, INTER, LAYERS, BLOCK, WINDOW, SLOTS };
 
-static void add_bias(float *y, const float *b, int64_t rows, int64_t n) {
+static void add_bias(float *restrict y, const float *restrict b, int64_t rows, int64_t n) {
     if (!b) return;
     for (int64_t r = 0; r < rows; r++)
 #pragma omp simd
@@ -36,6 +37,16 @@ static void add_bias(float *y, const float *b, int64_t rows, int64_t n) {
 }
 
 static inline const float *P(const int64_t *p, int i) { return (const float *)(intptr_t)p[i]; }
+
+/* y (M, N) = x (M, K) @ W^T + b for the linear described at lin. */
+static int linear(const int64_t *lin, const float *x, float *y, int64_t M, int64_t K, int64_t N, int nthreads) {
+    switch (lin[KIND]) {
+        case 0: skinny_gemm(x, P(lin, W), y, M, K, lin[ARG_A], lin[ARG_B], nthreads); break;
+        default: return 2;
+    }
+    add_bias(y, P(lin, BIAS), M, N);
+    return 0;
+}
 
 int decode_layers(const int64_t *dims, const int64_t *ptrs, float eps, float scale, float *x, const float *cos_,
                   const float *sin_, const int64_t *slots, const int64_t *tables, const int64_t *lens, int64_t S,
@@ -45,12 +56,12 @@ int decode_layers(const int64_t *dims, const int64_t *ptrs, float eps, float sca
     const int64_t layer_stride = dims[SLOTS] * kv_n;
     float *h = scratch, *qkv = h + S * hidden, *q = qkv + S * qkv_n, *att = q + S * q_n;
     float *gu = att + S * q_n, *a = gu + 2 * S * inter, *o = a + S * inter;
-    for (int64_t l = 0; l < dims[LAYERS]; l++) {
-        const int64_t *p = ptrs + l * NPTR;
+    int err = 0;
+    for (int64_t l = 0; l < dims[LAYERS] && !err; l++) {
+        const int64_t *p = ptrs + l * NCOL;
         float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
         rmsnorm(x, hidden, P(p, NORM1), h, S, hidden, eps, 1);
-        skinny_gemm(h, P(p, W_QKV), qkv, S, hidden, dims[QKV_P], dims[QKV_NB], nthreads);
-        add_bias(qkv, P(p, B_QKV), S, qkv_n);
+        if ((err = linear(p + QKV, h, qkv, S, hidden, qkv_n, nthreads))) break;
         rope(qkv, qkv_n, Hq + Hkv, D, cos_, sin_, S, 1);
         for (int64_t s = 0; s < S; s++) {
             const float *row = qkv + s * qkv_n;
@@ -58,18 +69,15 @@ int decode_layers(const int64_t *dims, const int64_t *ptrs, float eps, float sca
             memcpy(kc + slots[s] * kv_n, row + q_n, sizeof(float) * (size_t)kv_n);
             memcpy(vc + slots[s] * kv_n, row + q_n + kv_n, sizeof(float) * (size_t)kv_n);
         }
-        if (paged_decode_attention(q, kc, vc, tables, lens, att, S, Hq, Hkv, D, max_blocks, dims[BLOCK],
-                                   dims[WINDOW], scale, nthreads))
-            return 1;
-        skinny_gemm(att, P(p, W_O), o, S, q_n, dims[O_P], dims[O_NB], nthreads);
-        add_bias(o, P(p, B_O), S, hidden);
+        if ((err = paged_decode_attention(q, kc, vc, tables, lens, att, S, Hq, Hkv, D, max_blocks, dims[BLOCK],
+                                          dims[WINDOW], scale, nthreads)))
+            break;
+        if ((err = linear(p + O, att, o, S, q_n, hidden, nthreads))) break;
         add_rmsnorm(x, hidden, o, hidden, P(p, NORM2), h, S, hidden, eps, 1);
-        skinny_gemm(h, P(p, W_GU), gu, S, hidden, dims[GU_P], dims[GU_NB], nthreads);
-        add_bias(gu, P(p, B_GU), S, 2 * inter);
+        if ((err = linear(p + GU, h, gu, S, hidden, 2 * inter, nthreads))) break;
         silu_mul(gu, 2 * inter, gu + inter, 2 * inter, a, S, inter, 1);
-        skinny_gemm(a, P(p, W_DOWN), o, S, inter, dims[DN_P], dims[DN_NB], nthreads);
-        add_bias(o, P(p, B_DOWN), S, hidden);
+        if ((err = linear(p + DOWN, a, o, S, inter, hidden, nthreads))) break;
         for (int64_t r = 0; r < S * hidden; r++) x[r] += o[r];
     }
-    return 0;
+    return err;
 }
