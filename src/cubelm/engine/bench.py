@@ -76,7 +76,8 @@ def bytes_per_step(model, context: float, batch: int) -> float:
     return weights + batch * context * kv_per_token
 
 
-def measure_round(model, o: BenchDecodeOptions) -> dict:
+def measure_round(model, o: BenchDecodeOptions, **engine_options) -> dict:
+    """One timed run of ``o`` on ``model``; ``engine_options`` go to ``EngineConfig`` (benchmarks compare paths)."""
     import torch
 
     from cubelm.engine.config import EngineConfig
@@ -86,7 +87,8 @@ def measure_round(model, o: BenchDecodeOptions) -> dict:
     prompt = torch.randint(3, vocab, (o.prompt_tokens,), generator=torch.Generator().manual_seed(o.seed)).tolist()
     engine = LLMEngine(model, None, EngineConfig(
         max_num_seqs=o.batch, max_num_batched_tokens=max(512, o.batch * o.prompt_tokens),
-        max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False), log=lambda m: None)
+        max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False, **engine_options),
+        log=lambda m: None)
     params = SamplingParams(temperature=0, max_tokens=o.new_tokens, ignore_eos=True, output_kind="delta")
     for i in range(o.batch):
         engine.add_request(f"r{i}", prompt, params)

@@ -23,6 +23,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # for unseeded sampling
     decode_layout: bool = True  # blocked weight layout for fast CPU decode (cubelm.engine.decode_layout)
+    native_step: bool = True  # decode-only steps of <= 8 rows in one native call (cubelm.engine.native_step)
     compile_decode: bool = False  # torch.compile the model forward (dynamic shapes; a cold compile takes 15-60 s)
     speculative: "SpeculativeConfig | None" = None  # cubelm.engine.speculative
     # multi-LoRA (cubelm.engine.lora): adapters per step, their largest rank, adapters kept in memory (LRU)

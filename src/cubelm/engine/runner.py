@@ -19,7 +19,7 @@ from cubelm.model.transformer import CausalLM
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False,
-                 lora_context: LoRAContext | None = None):
+                 lora_context: LoRAContext | None = None, native_step: bool = True):
         cfg = model.config
         self.lora_context = lora_context
         param = next(model.parameters())
@@ -38,7 +38,7 @@ class ModelRunner:
         # Steps of a few decode rows run every layer in one native call when the model is in the CPU decode layout
         # (cubelm.engine.native_step); None otherwise (adapters, other dtypes or devices, compile, no compiler).
         self.native_step = None
-        if not compile_model and lora_context is None and self.attn.use_kernel:
+        if native_step and not compile_model and lora_context is None and self.attn.use_kernel:
             from cubelm.engine.native_step import NativeDecodeStep
             self.native_step = NativeDecodeStep.build(model, self.k_cache, self.v_cache, block_size)
 
