@@ -67,6 +67,17 @@ class KVPool:
         self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantized else None
         self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantized else None
 
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (N, Hkv, D) of N new tokens into ``slots`` (N,) of ``layer``: one ``index_copy_`` per tensor."""
+        if self.k_scale is None:
+            self.k[layer].index_copy_(0, slots, k)
+            self.v[layer].index_copy_(0, slots, v)
+            return
+        for cache, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            codes, row_scales = quantize_int8(x)
+            cache[layer].index_copy_(0, slots, codes)
+            scales[layer].index_copy_(0, slots, row_scales)
+
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cubelm.engine.kernels import paged_decode
-from cubelm.engine.kv_cache import KVPool, dequantize_int8, quantize_int8
+from cubelm.engine.kv_cache import KVPool, dequantize_int8
 from cubelm.model.attention import causal_mask
 
 
@@ -67,16 +67,8 @@ class PagedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.meta
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        ks = vs = None
-        if self.pool.quantized:
-            ks, vs = self.k_scale[layer_idx], self.v_scale[layer_idx]
-            for cache, scales, x in ((kc, ks, k[0]), (vc, vs, v[0])):
-                codes, row_scales = quantize_int8(x)
-                cache.index_copy_(0, meta.slot_mapping, codes)
-                scales.index_copy_(0, meta.slot_mapping, row_scales)
-        else:
-            kc.index_copy_(0, meta.slot_mapping, k[0])
-            vc.index_copy_(0, meta.slot_mapping, v[0])
+        self.pool.write(layer_idx, meta.slot_mapping, k[0], v[0])
+        ks, vs = (self.k_scale[layer_idx], self.v_scale[layer_idx]) if self.pool.quantized else (None, None)
         q = q[0]  # (N, Hq, D)
         gqa = self.gqa
         parts = []
