@@ -115,7 +115,7 @@ static inline void attend_i8(const float *restrict qs, const int8_t *restrict k_
                              int64_t first, int64_t n, int64_t Hkv, int64_t block_size, int64_t R, int64_t G,
                              const int64_t D, float *restrict scores, float *restrict acc) {
     const int64_t row_stride = Hkv * D;
-    float mx[R];
+    float mx[R], row_f[D];  /* row_f: one K or V row of one head in fp32, in L1 (not a copy of the cache) */
     for (int64_t r = 0; r < R; r++) mx[r] = -FLT_MAX;
     for (int64_t t = 0; t < n;) {
         const int64_t pos = first + t, off = pos % block_size;
@@ -128,15 +128,19 @@ static inline void attend_i8(const float *restrict qs, const int8_t *restrict k_
         const int8_t *next = nb < 0 ? 0 : k_codes + nb * block_size * row_stride;
         for (int64_t i = 0; i < run; i++, row += row_stride, srow += Hkv) {
             if (next) prefetch_row(next + i * row_stride, R / G * D);
-            for (int64_t r = 0; r < R; r++) {
-                const float *qr = qs + r * D;
-                const int8_t *kr = row + (r / G) * D;
-                float dot = 0.f;
+            for (int64_t h = 0; h < R / G; h++) {
+                const int8_t *kr = row + h * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) row_f[d] = (float)kr[d];  /* converted once for its G queries */
+                for (int64_t r = h * G; r < (h + 1) * G; r++) {
+                    const float *qr = qs + r * D;
+                    float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qr[d] * (float)kr[d];
-                dot *= srow[r / G];
-                scores[r * n + t + i] = dot;
-                mx[r] = dot > mx[r] ? dot : mx[r];
+                    for (int64_t d = 0; d < D; d++) dot += qr[d] * row_f[d];
+                    dot *= srow[h];
+                    scores[r * n + t + i] = dot;
+                    mx[r] = dot > mx[r] ? dot : mx[r];
+                }
             }
         }
         t += run;
@@ -154,12 +158,16 @@ static inline void attend_i8(const float *restrict qs, const int8_t *restrict k_
         const int8_t *next = nb < 0 ? 0 : v_codes + nb * block_size * row_stride;
         for (int64_t i = 0; i < run; i++, row += row_stride, srow += Hkv) {
             if (next) prefetch_row(next + i * row_stride, R / G * D);
-            for (int64_t r = 0; r < R; r++) {
-                const float w = scores[r * n + t + i] * srow[r / G];
-                const int8_t *vr = row + (r / G) * D;
-                float *ar = acc + r * D;
+            for (int64_t h = 0; h < R / G; h++) {
+                const int8_t *vr = row + h * D;
 #pragma omp simd
-                for (int64_t d = 0; d < D; d++) ar[d] += w * (float)vr[d];
+                for (int64_t d = 0; d < D; d++) row_f[d] = (float)vr[d];
+                for (int64_t r = h * G; r < (h + 1) * G; r++) {
+                    const float w = scores[r * n + t + i] * srow[h];
+                    float *ar = acc + r * D;
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++) ar[d] += w * row_f[d];
+                }
             }
         }
         t += run;
