@@ -60,10 +60,13 @@ static inline void softmax_rows(float *restrict scores, const float *mx, int64_t
 }
 
 /* Query rows r = 0..R-1 (R = nh * G) of one task; row r reads KV head r / G of the task's range.
- * qs (R, D) scaled queries, scores (R, n), acc (R, D) the output rows. Inlined with D a literal. */
-static inline void attend(const float *restrict qs, const float *restrict k_cache, const float *restrict v_cache,
-                          const int64_t *table, int64_t first, int64_t n, int64_t row_stride, int64_t block_size,
-                          int64_t R, int64_t G, const int64_t D, float *restrict scores, float *restrict acc) {
+ * qs (R, D) scaled queries, scores (R, n), acc (R, D) the output rows. The compiler clones it for each literal
+ * D it is called with; noinline keeps those clones separate functions, as they were before attend_i8 existed
+ * (inlining both variants into the OpenMP body changes the fp32 code for no gain). */
+static __attribute__((noinline)) void attend(const float *restrict qs, const float *restrict k_cache,
+                          const float *restrict v_cache, const int64_t *table, int64_t first, int64_t n,
+                          int64_t row_stride, int64_t block_size, int64_t R, int64_t G, const int64_t D,
+                          float *restrict scores, float *restrict acc) {
     float mx[R];
     for (int64_t r = 0; r < R; r++) mx[r] = -FLT_MAX;
     /* pass 1: scores, walking whole blocks (no division per position) */
@@ -110,10 +113,11 @@ static inline void attend(const float *restrict qs, const float *restrict k_cach
 
 /* attend() for an int8 pool: codes (num_slots, Hkv, D) read from k_codes/v_codes + h0 * D, their scales
  * (num_slots, Hkv) from k_scale/v_scale + h0. score = scale_k * (q . code_k); acc += (w * scale_v) * code_v. */
-static inline void attend_i8(const float *restrict qs, const int8_t *restrict k_codes, const float *restrict k_scale,
-                             const int8_t *restrict v_codes, const float *restrict v_scale, const int64_t *table,
-                             int64_t first, int64_t n, int64_t Hkv, int64_t block_size, int64_t R, int64_t G,
-                             const int64_t D, float *restrict scores, float *restrict acc) {
+static __attribute__((noinline)) void attend_i8(const float *restrict qs, const int8_t *restrict k_codes,
+                             const float *restrict k_scale, const int8_t *restrict v_codes,
+                             const float *restrict v_scale, const int64_t *table, int64_t first, int64_t n,
+                             int64_t Hkv, int64_t block_size, int64_t R, int64_t G, const int64_t D,
+                             float *restrict scores, float *restrict acc) {
     const int64_t row_stride = Hkv * D;
     float mx[R], row_f[D];  /* row_f: one K or V row of one head in fp32, in L1 (not a copy of the cache) */
     for (int64_t r = 0; r < R; r++) mx[r] = -FLT_MAX;
