@@ -33,7 +33,8 @@ def capacity(model_dir: str | None, presets: list[str]) -> list[dict]:
     from cubelm.model.config import ModelConfig, preset
     configs = [(name, preset(name)) for name in presets]
     if model_dir:
-        configs.insert(0, (Path(model_dir).name, ModelConfig.from_hf_dict(json.loads((Path(model_dir) / "config.json").read_text()))))
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        configs.insert(0, (Path(model_dir).name, ModelConfig.from_hf_dict(hf_config)))
     rows = []
     for name, cfg in configs:
         for dtype in (torch.float32, torch.bfloat16):

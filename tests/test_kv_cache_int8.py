@@ -127,6 +127,16 @@ def test_kernel_int8_equals_fp32_kernel_on_the_dequantized_pool(S, Hq, Hkv, D):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_graph_branch_equals_the_buffered_gather(monkeypatch):
+    """Inside torch.compile the gathers take no out= buffers; that branch (run eagerly here) gives the same."""
+    attn = _filled_pools()["int8"][1]
+    meta = _decode_meta()
+    q = torch.randn(12, 6, 64, generator=torch.Generator().manual_seed(5))
+    eager = _attend_decodes(attn, q, meta, use_kernel=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(_attend_decodes(attn, q, meta, use_kernel=True), eager, atol=1e-6, rtol=1e-6)
+
+
 def test_prefill_chunk_reads_the_dequantized_pool():
     """A prompt chunk's attention on the int8 pool equals causal SDPA over the dequantized K/V."""
     pools = _filled_pools(num_slots=256)
