@@ -1,7 +1,7 @@
 """The int8 KV cache (``kv_cache_dtype="int8"``) against the model-dtype pool: capacity, quality, decode speed.
 
     python benchmarks/kv_cache_int8.py --model ~/.cache/cubelm/models/default --speed-model small \
-        --prompt-tokens 1024 --new-tokens 64 --rounds 3
+        --prompt-tokens 1024 --new-tokens 64 --rounds 5 [--threads 1]
 
 1. capacity: tokens per GiB of pool from the engine's planner (``plan_pool``), fp32 / bf16 vs int8, for the
    given model and a few presets.
@@ -141,10 +141,14 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads; 1 on a shared machine, "
+                    "where a 2-thread OpenMP region stalls whenever a neighbour holds the other core")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: capacity,quality,speed")
     args = ap.parse_args()
     from cubelm.systems.host import describe_host, host_info
     skip = set(filter(None, args.skip.split(",")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = {"host": describe_host(host_info())}
     print(f"host: {report['host']}")
     if "capacity" not in skip:
