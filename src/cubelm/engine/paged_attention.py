@@ -7,9 +7,9 @@ writes the step's new K/V with one ``index_copy_`` at ``slot_mapping`` (int8: qu
 each with their own copy), then
 * decodes: on CPU with fp32 compute, a native kernel (``kernels/paged_decode.c``) reads each sequence's blocks
   straight from the pool (int8 codes and scales as they are); otherwise (CUDA, other dtypes, no C compiler,
-  inside torch.compile) the gather path: every decode
-  sequence's context is gathered block by block (one ``index_select`` of whole blocks) and one batched SDPA runs
-  with a length mask (GQA by folding query-head groups into the query axis);
+  inside torch.compile) the gather path: every decode sequence's context is gathered block by block (one
+  ``index_select`` of whole blocks) and one batched SDPA runs with a length mask (GQA by folding query-head groups
+  into the query axis);
 * prompt chunks: per chunk, gathers its context (cached prefix + earlier chunks + itself) and runs causal SDPA
   with the chunk's queries offset to their absolute positions.
 With int8, gathers take codes and scales and dequantize them into a buffer in the compute dtype before SDPA.
