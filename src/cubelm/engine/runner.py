@@ -1,7 +1,8 @@
 """The model runner: turns a scheduled batch into flat tensors, runs the one model with the paged backend, and
 returns the logits of the positions that must be sampled.
 
-It owns the KV pool: ``(L, num_blocks * block_size, Hkv, D)`` for K and for V, in the model's dtype. With
+It owns the KV pool (``cubelm.engine.kv_cache.KVPool``): ``(L, num_blocks * block_size, Hkv, D)`` for K and for
+V, in the model's dtype, or int8 with an fp32 scale per token and KV head (``kv_cache_dtype="int8"``). With
 adapters (multi-LoRA), each row's slot comes in ``lora_slots``: the runner puts the rows of one slot next to each
 other (decodes sorted by slot, then prompt chunks sorted by slot) and hands the batched LoRA layers their
 segments through the shared ``LoRAContext``, as it hands the paged attention its metadata.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from cubelm.engine.kv_cache import KVPool
 from cubelm.engine.lora.layers import LoRAContext
 from cubelm.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from cubelm.engine.sequence import Sequence
@@ -19,16 +21,16 @@ from cubelm.model.transformer import CausalLM
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False,
-                 lora_context: LoRAContext | None = None, native_step: bool = True):
+                 lora_context: LoRAContext | None = None, native_step: bool = True, kv_cache_dtype: str = "auto"):
         cfg = model.config
         self.lora_context = lora_context
         param = next(model.parameters())
         self.model, self.block_size, self.device = model, block_size, param.device
-        shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
-        self.attn = PagedAttention(self.k_cache, self.v_cache, num_heads=cfg.num_attention_heads,
-                                   block_size=block_size, sliding_window=cfg.sliding_window)
+        self.kv_pool = KVPool(cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim,
+                              dtype=param.dtype, device=self.device, kv_cache_dtype=kv_cache_dtype)
+        self.k_cache, self.v_cache = self.kv_pool.k, self.kv_pool.v
+        self.attn = PagedAttention(self.kv_pool, num_heads=cfg.num_attention_heads, block_size=block_size,
+                                   sliding_window=cfg.sliding_window)
         # Decode-only steps can be compiled: dynamic=True because context lengths change every step, and the KV
         # write is an index_copy_ at tensor slots, so a new position is new data, not a new graph. Steps with
         # prompt chunks stay eager (their per-chunk Python loop would only fragment the graph).
