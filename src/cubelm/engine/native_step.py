@@ -2,7 +2,7 @@
 
 The runner uses it for steps made only of decode rows (one new token per sequence, at most
 ``skinny_gemm.MAX_ROWS`` of them) when the model is in the engine's CPU decode layout: fp32, q/k/v and gate/up fused
-into ``BlockedLinear`` GEMMs (``decode_layout``), no adapters, an fp32 paged pool, kernels available. ``build``
+into ``BlockedLinear`` GEMMs (``decode_layout``), no adapters, an fp32 or int8 paged pool, kernels available. ``build``
 returns None for any other model, and the module path (``FusedDecoderLayer``) runs as before.
 
 What stays in Python per step: the embedding lookup, the RoPE tables, the final norm and the output head (each one
@@ -31,7 +31,7 @@ def _load():
     if _fn is None:
         _fn = kernels.function("decode_step", "decode_layers",
                                [_ptr, _ptr, ctypes.c_float, ctypes.c_float] + [_ptr] * 6 + [_i64, _i64] +
-                               [_ptr] * 3 + [ctypes.c_int]) or False
+                               [_ptr] * 5 + [ctypes.c_int]) or False
     return _fn or None
 
 
@@ -48,10 +48,10 @@ def describe_linear(mod) -> tuple[list, list[torch.Tensor]] | None:
 class NativeDecodeStep:
     MAX_ROWS = skinny_gemm.MAX_ROWS
 
-    def __init__(self, model, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, table: list[list[int]],
-                 keep: list[torch.Tensor], eps: float):
+    def __init__(self, model, pool, block_size: int, table: list[list[int]], keep: list[torch.Tensor], eps: float):
         cfg = model.config
-        self.model, self.k_cache, self.v_cache, self._keep = model, k_cache, v_cache, keep
+        self.model, self.pool, self._keep = model, pool, keep
+        k_cache = pool.k
         D = cfg.head_dim
         self.eps, self.scale = eps, D ** -0.5
         self.dims = torch.tensor([cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, D,
@@ -63,12 +63,14 @@ class NativeDecodeStep:
         self.scratch = torch.empty(self.MAX_ROWS * per_row, dtype=torch.float32)
 
     @classmethod
-    def build(cls, model, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> "NativeDecodeStep | None":
-        """The native step for this model and pool, or None when any layer or the pool is not in its form."""
+    def build(cls, model, pool, block_size: int) -> "NativeDecodeStep | None":
+        """The native step for this model and KV pool (``cubelm.engine.kv_cache.KVPool``: fp32, or int8 codes with
+        fp32 scales), or None when any layer or the pool is not in its form."""
         cfg = getattr(model, "config", None)
         layers = getattr(getattr(model, "model", None), "layers", None)
-        if not layers or k_cache.dtype != torch.float32 or k_cache.device.type != "cpu" or \
-                not k_cache.is_contiguous() or not v_cache.is_contiguous() or _load() is None:
+        store = torch.int8 if pool.quantized else torch.float32
+        if not layers or pool.k.dtype != store or pool.dtype != torch.float32 or pool.k.device.type != "cpu" or \
+                not (pool.k.is_contiguous() and pool.v.is_contiguous()) or _load() is None:
             return None
         table, keep, eps = [], [], set()
         q_n, kv_n = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -94,7 +96,7 @@ class NativeDecodeStep:
             table.append(row)
         if len(eps) != 1:
             return None  # norms with different eps: the call takes one
-        return cls(model, k_cache, v_cache, block_size, table, keep, eps.pop())
+        return cls(model, pool, block_size, table, keep, eps.pop())
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """ids, positions (1, S) of S decode rows -> final hidden states (1, S, hidden), K/V written."""
@@ -104,9 +106,11 @@ class NativeDecodeStep:
         S = ids.shape[1]
         cos, sin = cos.reshape(S, -1).contiguous(), sin.reshape(S, -1).contiguous()
         tables, lens, slots = meta.decode_tables, meta.decode_lens, meta.slot_mapping
+        pool = self.pool
+        scales = (pool.k_scale.data_ptr(), pool.v_scale.data_ptr()) if pool.quantized else (None, None)
         failed = _fn(self.dims.data_ptr(), self.ptrs.data_ptr(), self.eps, self.scale, x.data_ptr(), cos.data_ptr(),
                      sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), S, tables.shape[1],
-                     self.k_cache.data_ptr(), self.v_cache.data_ptr(), self.scratch.data_ptr(),
+                     pool.k.data_ptr(), pool.v.data_ptr(), scales[0], scales[1], self.scratch.data_ptr(),
                      torch.get_num_threads())
         if failed == 1:
             raise MemoryError("decode step: out of memory for the attention's score buffers")

@@ -42,7 +42,7 @@ class ModelRunner:
         self.native_step = None
         if native_step and not compile_model and lora_context is None and self.attn.use_kernel:
             from cubelm.engine.native_step import NativeDecodeStep
-            self.native_step = NativeDecodeStep.build(model, self.k_cache, self.v_cache, block_size)
+            self.native_step = NativeDecodeStep.build(model, self.kv_pool, block_size)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

@@ -17,13 +17,50 @@
  * cannot be allocated; 2 for a linear kind this build does not know.
  * x (S, hidden) is the residual stream, updated in place; cos/sin (S, D); slots (S,) where each row's K/V goes;
  * block tables (S, max_blocks) and context lengths (S,) as in paged_decode.c; caches (layers, slots_per_layer,
- * Hkv, D); scratch holds S * (2 * hidden + (Hq + 2 * Hkv) * D + 2 * Hq * D + 3 * inter) floats.
+ * Hkv, D), fp32, or int8 codes when k_scale / v_scale (layers, slots_per_layer, Hkv) are given (the engine's int8
+ * KV pool: rows quantized on write exactly as cubelm.engine.kv_cache.quantize_int8 does); scratch holds S * (2 * hidden + (Hq + 2 * Hkv) * D + 2 * Hq * D + 3 * inter) floats.
  */
 #include <string.h>
 
 #include "decode_ops.c"
 #include "paged_decode.c"
 #include "skinny_gemm.c"
+
+/* One (token, head) row of D values -> int8 codes and a scale: scale = absmax / 127, code = round-half-even(x /
+ * scale) clamped to +-127, the all-zero row divided by FLT_MIN. IEEE division and rounding, not -ffast-math's
+ * reciprocal, so the codes equal the PyTorch path's bit for bit. */
+#pragma GCC push_options
+#pragma GCC optimize("no-fast-math")
+static void quantize_row(const float *x, int64_t D, int8_t *codes, float *scale) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float s = amax / 127.f, div = s > FLT_MIN ? s : FLT_MIN;
+    for (int64_t i = 0; i < D; i++) {
+        float c = nearbyintf(x[i] / div);
+        codes[i] = (int8_t)(c > 127.f ? 127.f : c < -127.f ? -127.f : c);
+    }
+    *scale = s;
+}
+#pragma GCC pop_options
+
+/* The new tokens' K and V rows of one layer into the pool (fp32 copies, or int8 codes + scales). */
+static void write_kv(const float *qkv, int64_t S, int64_t q_n, int64_t qkv_n, int64_t Hkv, int64_t D,
+                     const int64_t *slots, void *kc, void *vc, float *ks, float *vs) {
+    const int64_t kv_n = Hkv * D;
+    for (int64_t s = 0; s < S; s++) {
+        const float *k = qkv + s * qkv_n + q_n, *v = k + kv_n;
+        if (!ks) {
+            memcpy((float *)kc + slots[s] * kv_n, k, sizeof(float) * (size_t)kv_n);
+            memcpy((float *)vc + slots[s] * kv_n, v, sizeof(float) * (size_t)kv_n);
+            continue;
+        }
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t row = slots[s] * Hkv + h;
+            quantize_row(k + h * D, D, (int8_t *)kc + row * D, ks + row);
+            quantize_row(v + h * D, D, (int8_t *)vc + row * D, vs + row);
+        }
+    }
+}
 
 enum { W, SCALES, BIAS, KIND, ARG_A, ARG_B, LIN };                        /* one linear's descriptor */
 enum { NORM1, NORM2, QKV, O = QKV + LIN, GU = O + LIN, DOWN = GU + LIN, NCOL = DOWN + LIN };
@@ -50,28 +87,28 @@ static int linear(const int64_t *lin, const float *x, float *y, int64_t M, int64
 
 int decode_layers(const int64_t *dims, const int64_t *ptrs, float eps, float scale, float *x, const float *cos_,
                   const float *sin_, const int64_t *slots, const int64_t *tables, const int64_t *lens, int64_t S,
-                  int64_t max_blocks, float *k_cache, float *v_cache, float *scratch, int nthreads) {
+                  int64_t max_blocks, void *k_cache, void *v_cache, float *k_scale, float *v_scale, float *scratch,
+                  int nthreads) {
     const int64_t hidden = dims[HIDDEN], Hq = dims[HQ], Hkv = dims[HKV], D = dims[HD], inter = dims[INTER];
     const int64_t q_n = Hq * D, kv_n = Hkv * D, qkv_n = q_n + 2 * kv_n;
-    const int64_t layer_stride = dims[SLOTS] * kv_n;
+    const int64_t layer_rows = dims[SLOTS] * Hkv, elem = k_scale ? 1 : (int64_t)sizeof(float);
     float *h = scratch, *qkv = h + S * hidden, *q = qkv + S * qkv_n, *att = q + S * q_n;
     float *gu = att + S * q_n, *a = gu + 2 * S * inter, *o = a + S * inter;
     int err = 0;
     for (int64_t l = 0; l < dims[LAYERS] && !err; l++) {
         const int64_t *p = ptrs + l * NCOL;
-        float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
+        char *kc = (char *)k_cache + l * layer_rows * D * elem, *vc = (char *)v_cache + l * layer_rows * D * elem;
+        float *ks = k_scale ? k_scale + l * layer_rows : 0, *vs = v_scale ? v_scale + l * layer_rows : 0;
         rmsnorm(x, hidden, P(p, NORM1), h, S, hidden, eps, 1);
         if ((err = linear(p + QKV, h, qkv, S, hidden, qkv_n, nthreads))) break;
         rope(qkv, qkv_n, Hq + Hkv, D, cos_, sin_, S, 1);
-        for (int64_t s = 0; s < S; s++) {
-            const float *row = qkv + s * qkv_n;
-            memcpy(q + s * q_n, row, sizeof(float) * (size_t)q_n);
-            memcpy(kc + slots[s] * kv_n, row + q_n, sizeof(float) * (size_t)kv_n);
-            memcpy(vc + slots[s] * kv_n, row + q_n + kv_n, sizeof(float) * (size_t)kv_n);
-        }
-        if ((err = paged_decode_attention(q, kc, vc, tables, lens, att, S, Hq, Hkv, D, max_blocks, dims[BLOCK],
-                                          dims[WINDOW], scale, nthreads)))
-            break;
+        for (int64_t s = 0; s < S; s++) memcpy(q + s * q_n, qkv + s * qkv_n, sizeof(float) * (size_t)q_n);
+        write_kv(qkv, S, q_n, qkv_n, Hkv, D, slots, kc, vc, ks, vs);
+        err = ks ? paged_decode_attention_i8(q, (const int8_t *)kc, (const int8_t *)vc, ks, vs, tables, lens, att, S,
+                                             Hq, Hkv, D, max_blocks, dims[BLOCK], dims[WINDOW], scale, nthreads)
+                 : paged_decode_attention(q, (const float *)kc, (const float *)vc, tables, lens, att, S, Hq, Hkv, D,
+                                          max_blocks, dims[BLOCK], dims[WINDOW], scale, nthreads);
+        if (err) break;
         if ((err = linear(p + O, att, o, S, q_n, hidden, nthreads))) break;
         add_rmsnorm(x, hidden, o, hidden, P(p, NORM2), h, S, hidden, eps, 1);
         if ((err = linear(p + GU, h, gu, S, hidden, 2 * inter, nthreads))) break;
