@@ -34,6 +34,8 @@ class BenchDecodeOptions:
                      metavar="PRESET|DIR")
     dtype: str = opt("float32", choices=sorted(DTYPES), help="weights and compute dtype; int8 / int4: weight-only "
                                                              "quantized at load, fp32 compute")
+    kv_cache_dtype: str = opt("auto", choices=("auto", "int8"), help="KV-cache storage: auto (the model's dtype) "
+                                                                      "or int8 (a scale per token and head)")
     group_size: int = opt(32, help="int4: inputs per weight scale (32, 64 or 128)")
     batch: int = opt(1, help="sequences decoded together (1 = batch-1 decode)")
     prompt_tokens: int = opt(128, help="prompt length in tokens (seeded random ids)")
@@ -81,7 +83,7 @@ def _quantize(model, method: str | None, group_size: int):
     return apply_weight_quantization(model, method, group_size)
 
 
-def bytes_per_step(model, context: float, batch: int) -> float:
+def bytes_per_step(model, context: float, batch: int, kv_cache_dtype: str = "auto") -> float:
     """Bytes one decode step reads: the weights once, the looked-up embedding rows, and every sequence's K/V.
     Quantized weights (buffers of ``QuantLinear``) count as stored: codes and scales."""
     cfg = model.config
@@ -91,12 +93,13 @@ def bytes_per_step(model, context: float, batch: int) -> float:
     embed = model.model.embed_tokens.weight
     if not cfg.tie_word_embeddings:  # the head reads its own matrix; the input table only its looked-up rows
         weights -= embed.numel() * embed.element_size() - batch * embed.shape[1] * embed.element_size()
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * embed.element_size()
-    return weights + batch * context * kv_per_token
+    from cubelm.systems.memory import kv_cache_bytes_per_token
+    kv_dtype = "int8" if kv_cache_dtype == "int8" else str(embed.dtype).removeprefix("torch.")
+    return weights + batch * context * kv_cache_bytes_per_token(cfg, kv_dtype)
 
 
-def measure_round(model, o: BenchDecodeOptions) -> dict:
+def measure_round(model, o: BenchDecodeOptions, **engine_options) -> dict:
+    """One timed run of ``o`` on ``model``; ``engine_options`` go to ``EngineConfig`` (benchmarks compare paths)."""
     import torch
 
     from cubelm.engine.config import EngineConfig
@@ -106,7 +109,8 @@ def measure_round(model, o: BenchDecodeOptions) -> dict:
     prompt = torch.randint(3, vocab, (o.prompt_tokens,), generator=torch.Generator().manual_seed(o.seed)).tolist()
     engine = LLMEngine(model, None, EngineConfig(
         max_num_seqs=o.batch, max_num_batched_tokens=max(512, o.batch * o.prompt_tokens),
-        max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False), log=lambda m: None)
+        max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False,
+        kv_cache_dtype=o.kv_cache_dtype, **engine_options), log=lambda m: None)
     params = SamplingParams(temperature=0, max_tokens=o.new_tokens, ignore_eos=True, output_kind="delta")
     for i in range(o.batch):
         engine.add_request(f"r{i}", prompt, params)
@@ -141,14 +145,15 @@ def run_bench_decode(o: BenchDecodeOptions) -> int:
     for _ in range(o.rounds):
         bandwidths.append(read_bandwidth())
         model = _load(o)  # fresh weights each round: the engine lays them out for decode in place
-        step_bytes = step_bytes or bytes_per_step(model, o.prompt_tokens + o.new_tokens / 2, o.batch)
+        step_bytes = step_bytes or bytes_per_step(model, o.prompt_tokens + o.new_tokens / 2, o.batch,
+                                                  o.kv_cache_dtype)
         num_params = model.config.num_params()
         rounds.append(measure_round(model, o))
     bandwidth = statistics.median(bandwidths)
     step_ms = statistics.median(r["step_ms"] for r in rounds)
     bound_ms = 1e3 * step_bytes / bandwidth
     result = {
-        "host": info, "model": o.model, "dtype": DTYPES[o.dtype],
+        "host": info, "model": o.model, "dtype": DTYPES[o.dtype], "kv_cache_dtype": o.kv_cache_dtype,
         "group_size": o.group_size if DTYPES[o.dtype] == "int4" else None, "device": o.device, "batch": o.batch,
         "prompt_tokens": o.prompt_tokens, "new_tokens": o.new_tokens,
         "params": num_params,
@@ -164,7 +169,8 @@ def run_bench_decode(o: BenchDecodeOptions) -> int:
         print(json.dumps(result))
         return 0
     print(f"host: {describe_host(info)}")
-    print(f"{o.model} ({DTYPES[o.dtype]}, {o.device}), batch {o.batch}, {o.prompt_tokens} prompt + {o.new_tokens} "
+    print(f"{o.model} ({DTYPES[o.dtype]}, KV cache {o.kv_cache_dtype}, {o.device}), batch {o.batch}, "
+          f"{o.prompt_tokens} prompt + {o.new_tokens} "
           f"new tokens, {o.rounds} rounds")
     for i, r in enumerate(rounds):
         print(f"  round {i + 1}: decode {r['decode_tok_s']:8.1f} tok/s ({r['step_ms']:.2f} ms/step), prefill "

@@ -30,7 +30,8 @@ class GenerateOptions:
                                          "adapter_model.safetensors), merged into the model's weights", metavar="DIR")
     chat: bool = opt(False, help="send the prompt as one user message through the model's chat template")
     device: str = opt("cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    dtype: str = opt("auto", help="compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    dtype: str = opt("auto", help="compute dtype: auto (bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, else "
+                                  "float32), float32, bfloat16, float16")
     quantization: str | None = opt(None, choices=["int8", "int4"], help="weight-only quantization at load: int8 "
                                    "(per-row scales) or int4 (per-group scales); not needed for a `cubelm quantize` "
                                    "directory")
@@ -63,14 +64,14 @@ def run_generate(o: GenerateOptions) -> int:
     from cubelm.engine.detokenize import IncrementalDetokenizer
     from cubelm.engine.params import SamplingParams
     from cubelm.engine.reference import GenerationResult, generate_tokens
-    from cubelm.model.hf_io import load_model, resolve_device, stop_token_ids
+    from cubelm.model.hf_io import inference_dtype, load_model, resolve_device, stop_token_ids
 
     params = SamplingParams(max_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                             seed=o.seed, ignore_eos=o.ignore_eos)
     model_dir = resolve_model_dir(o.model)
     device = resolve_device(o.device)
     t0 = time.perf_counter()
-    model = load_model(model_dir, device=device, dtype=o.dtype)
+    model = load_model(model_dir, device=device, dtype=inference_dtype(o.dtype, device))
     if o.adapter:
         _merge_adapter(model, o.adapter)
     num_params = sum(p.numel() for p in model.parameters())  # before the decode layout turns weights into buffers

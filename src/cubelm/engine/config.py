@@ -21,8 +21,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" = the model's dtype; "int8": codes + fp32 scale per token and KV head
     seed: int = 0  # for unseeded sampling
     decode_layout: bool = True  # blocked weight layout for fast CPU decode (cubelm.engine.decode_layout)
+    native_step: bool = True  # decode-only steps of <= 8 rows in one native call (cubelm.engine.native_step)
     compile_decode: bool = False  # torch.compile the model forward (dynamic shapes; a cold compile takes 15-60 s)
     speculative: "SpeculativeConfig | None" = None  # cubelm.engine.speculative
     # multi-LoRA (cubelm.engine.lora): adapters per step, their largest rank, adapters kept in memory (LRU)
@@ -40,6 +42,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CubelmError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        from cubelm.engine.kv_cache import check_kv_cache_dtype
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.num_blocks is not None and self.num_blocks < 1:
             raise CubelmError(f"num_blocks must be >= 1, got {self.num_blocks}")
         for name in ("max_loras", "max_lora_rank"):
@@ -79,6 +83,7 @@ class PoolPlan:
     bytes_per_block: int
     weight_bytes: int
     max_model_len: int
+    kv_dtype: str = "float32"  # what the pool stores: the model's dtype, or "int8" (codes + fp32 scales)
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +91,8 @@ class PoolPlan:
 
     def describe(self) -> str:
         full = self.num_tokens // self.max_model_len
-        return (f"[cubelm] engine: weights {self.weight_bytes / 2**20:,.1f} MiB; KV cache "
+        kv = "int8 + fp32 scales" if self.kv_dtype == "int8" else self.kv_dtype
+        return (f"[cubelm] engine: weights {self.weight_bytes / 2**20:,.1f} MiB; KV cache ({kv}) "
                 f"{self.num_blocks * self.bytes_per_block / 2**20:,.1f} MiB = {self.num_blocks:,} blocks x "
                 f"{self.block_size} tokens = {self.num_tokens:,} tokens; {full:,} concurrent sequences at the full "
                 f"context of {self.max_model_len:,}")
@@ -94,12 +100,13 @@ class PoolPlan:
 
 def plan_pool(cfg, config: EngineConfig, param, max_model_len: int) -> PoolPlan:
     from cubelm.systems.memory import plan_kv_pool
-    dtype = str(param.dtype).removeprefix("torch.")
+    # int8: the planner counts the codes and their fp32 scales, so the same budget buys more blocks
+    dtype = "int8" if config.kv_cache_dtype == "int8" else str(param.dtype).removeprefix("torch.")
     weight_bytes = cfg.num_params() * param.element_size()
     if config.num_blocks is not None:
         per_block = plan_kv_pool(cfg, 0, block_size=config.block_size, dtype=dtype,
                                  max_model_len=max_model_len).bytes_per_block
-        return PoolPlan(config.num_blocks, config.block_size, per_block, weight_bytes, max_model_len)
+        return PoolPlan(config.num_blocks, config.block_size, per_block, weight_bytes, max_model_len, dtype)
     budget = kv_budget_bytes(config.kv_cache_memory)
     plan = plan_kv_pool(cfg, budget, block_size=config.block_size, dtype=dtype, max_model_len=max_model_len)
     # no point holding more than max_num_seqs sequences at full context
@@ -108,4 +115,4 @@ def plan_pool(cfg, config: EngineConfig, param, max_model_len: int) -> PoolPlan:
     if num_blocks < 1:
         raise CubelmError(f"kv_cache_memory {config.kv_cache_memory} holds no {config.block_size}-token block "
                           f"({plan.bytes_per_block:,} bytes each); raise it")
-    return PoolPlan(num_blocks, config.block_size, plan.bytes_per_block, weight_bytes, max_model_len)
+    return PoolPlan(num_blocks, config.block_size, plan.bytes_per_block, weight_bytes, max_model_len, dtype)

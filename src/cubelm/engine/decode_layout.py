@@ -111,7 +111,9 @@ def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
 
 def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module:
     """Fuse q/k/v and gate/up, then swap the remaining ``nn.Linear`` modules of the decoder and the head for
-    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64). Idempotent.
+    ``BlockedLinear`` (block width ``block`` where it divides the output size, else 128 or 64), and the decoder
+    layers for ``FusedDecoderLayer`` (their elementwise work in native kernels: ``cubelm.engine.fused_decode``).
+    Idempotent.
 
     CPU only: on other devices the model is returned unchanged (cuBLAS already streams few-row GEMMs well, and
     the native kernels are CPU code), so callers can apply it whatever the device."""
@@ -127,4 +129,5 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
         if width is None and name == "lm_head" and linear.out_features % 64 == 0:
             width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
         replace_module(model, name, BlockedLinear(linear, width))
-    return model
+    from cubelm.engine.fused_decode import apply_fused_layers  # imports this module: imported late
+    return apply_fused_layers(model)

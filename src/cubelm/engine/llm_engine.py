@@ -73,7 +73,8 @@ class LLMEngine:
                                    lookahead=self._num_draft_tokens if config.speculative is not None else None,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.runner = ModelRunner(model, self.pool.num_blocks, config.block_size, compile_model=config.compile_decode,
-                                  lora_context=self.lora_manager.context if self.lora_manager else None)
+                                  lora_context=self.lora_manager.context if self.lora_manager else None,
+                                  native_step=config.native_step, kv_cache_dtype=config.kv_cache_dtype)
         # from_model_dir sets generation_config.json's list; built directly: config.json's plus the tokenizer's
         tok_eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
@@ -98,13 +99,14 @@ class LLMEngine:
                 from cubelm.engine.decode_layout import apply_decode_layout
                 apply_decode_layout(draft_model)
         return DraftProposer(draft_model.eval(), self.model.config, self.pool.num_blocks, self.config.block_size,
-                             self.generator)
+                             self.generator, kv_cache_dtype=self.config.kv_cache_dtype)
 
     @classmethod
     def from_model_dir(cls, model_dir, config: EngineConfig | None = None, *, device="cpu", dtype="auto", log=None):
         from cubelm.data.tokenizer import load_tokenizer
-        from cubelm.model.hf_io import load_model, stop_token_ids
+        from cubelm.model.hf_io import inference_dtype, load_model, stop_token_ids
         tokenizer = load_tokenizer(model_dir)
+        dtype = inference_dtype(dtype, device)  # auto: bf16 where the CPU has bf16 instructions
         engine = cls(load_model(model_dir, device=device, dtype=dtype), tokenizer, config, log=log)
         engine.eos_token_ids = frozenset(stop_token_ids(model_dir, tokenizer.eos_token_id))
         return engine

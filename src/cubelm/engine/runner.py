@@ -1,7 +1,8 @@
 """The model runner: turns a scheduled batch into flat tensors, runs the one model with the paged backend, and
 returns the logits of the positions that must be sampled.
 
-It owns the KV pool: ``(L, num_blocks * block_size, Hkv, D)`` for K and for V, in the model's dtype. With
+It owns the KV pool (``cubelm.engine.kv_cache.KVPool``): ``(L, num_blocks * block_size, Hkv, D)`` for K and for
+V, in the model's dtype, or int8 with an fp32 scale per token and KV head (``kv_cache_dtype="int8"``). With
 adapters (multi-LoRA), each row's slot comes in ``lora_slots``: the runner puts the rows of one slot next to each
 other (decodes sorted by slot, then prompt chunks sorted by slot) and hands the batched LoRA layers their
 segments through the shared ``LoRAContext``, as it hands the paged attention its metadata.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from cubelm.engine.kv_cache import KVPool
 from cubelm.engine.lora.layers import LoRAContext
 from cubelm.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from cubelm.engine.sequence import Sequence
@@ -19,22 +21,28 @@ from cubelm.model.transformer import CausalLM
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, *, compile_model: bool = False,
-                 lora_context: LoRAContext | None = None):
+                 lora_context: LoRAContext | None = None, native_step: bool = True, kv_cache_dtype: str = "auto"):
         cfg = model.config
         self.lora_context = lora_context
         param = next(model.parameters())
         self.model, self.block_size, self.device = model, block_size, param.device
-        shape = (cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=param.dtype, device=self.device)
-        self.attn = PagedAttention(self.k_cache, self.v_cache, num_heads=cfg.num_attention_heads,
-                                   block_size=block_size, sliding_window=cfg.sliding_window)
+        self.kv_pool = KVPool(cfg.num_hidden_layers, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim,
+                              dtype=param.dtype, device=self.device, kv_cache_dtype=kv_cache_dtype)
+        self.k_cache, self.v_cache = self.kv_pool.k, self.kv_pool.v
+        self.attn = PagedAttention(self.kv_pool, num_heads=cfg.num_attention_heads, block_size=block_size,
+                                   sliding_window=cfg.sliding_window)
         # Decode-only steps can be compiled: dynamic=True because context lengths change every step, and the KV
         # write is an index_copy_ at tensor slots, so a new position is new data, not a new graph. Steps with
         # prompt chunks stay eager (their per-chunk Python loop would only fragment the graph).
         self.compiled = compile_model
         self.decode_hidden_states = (torch.compile(model.hidden_states, dynamic=True) if compile_model
                                      else model.hidden_states)
+        # Steps of a few decode rows run every layer in one native call when the model is in the CPU decode layout
+        # (cubelm.engine.native_step); None otherwise (adapters, other dtypes or devices, compile, no compiler).
+        self.native_step = None
+        if native_step and not compile_model and lora_context is None and self.attn.use_kernel:
+            from cubelm.engine.native_step import NativeDecodeStep
+            self.native_step = NativeDecodeStep.build(model, self.kv_pool, block_size)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -98,8 +106,11 @@ class ModelRunner:
         ``lora_slots[i]`` is the adapter slot of ``seqs[i]`` (-1 = base model)."""
         ids, positions, meta, first = self.prepare(seqs, num_new, starts, lora_slots)
         self.attn.meta = meta
-        forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
-        hidden = forward(ids, positions, self.attn)  # (1, N, h)
+        if self.native_step is not None and not meta.prefills and meta.num_decodes <= self.native_step.MAX_ROWS:
+            hidden = self.native_step(ids, positions, meta)
+        else:
+            forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states
+            hidden = forward(ids, positions, self.attn)  # (1, N, h)
         rows, offsets = [], []
         for i, n in enumerate(num_new):
             offsets.append(len(rows))

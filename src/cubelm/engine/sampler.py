@@ -51,9 +51,11 @@ def sample_batch(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Ge
         for row, seq in enumerate(seqs):
             apply_penalties(logits[row], seq)
             _suppress_stops(logits[row], seq)
-    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not rand and raw is None:  # the common all-greedy step: no row selection, one argmax, one host sync
+        return finite_logits(logits).argmax(-1).tolist(), [None] * len(seqs)
+    tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
     if greedy:
         tokens[greedy] = finite_logits(logits[greedy]).argmax(-1)
     if rand:

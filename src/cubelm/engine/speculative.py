@@ -107,12 +107,14 @@ class NgramProposer:
 
 
 class DraftProposer:
-    def __init__(self, draft_model, target_config, num_blocks: int, block_size: int, generator):
+    def __init__(self, draft_model, target_config, num_blocks: int, block_size: int, generator, *,
+                 kv_cache_dtype: str = "auto"):
         from cubelm.engine.runner import ModelRunner
         if draft_model.config.vocab_size != target_config.vocab_size:
             raise CubelmError(f"draft vocabulary {draft_model.config.vocab_size} differs from the target's "
                               f"{target_config.vocab_size}; the draft must share the tokenizer")
-        self.runner = ModelRunner(draft_model, num_blocks, block_size)
+        # the draft's pool mirrors the target's block ids (same tables), in the same storage format
+        self.runner = ModelRunner(draft_model, num_blocks, block_size, kv_cache_dtype=kv_cache_dtype)
         self.generator = generator
         self.computed: dict[int, tuple[int, int]] = {}  # id(seq) -> (num_preemptions seen, draft tokens computed)
 

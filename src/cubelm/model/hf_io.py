@@ -40,6 +40,29 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
     return DTYPES[name]
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot-product instructions
+
+
+def inference_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype the engine computes in. ``auto``: bfloat16 on CUDA and on CPUs that report bf16 instructions
+    (avx512_bf16 or AMX; bf16 GEMMs there run ~2x fp32 and read half the bytes), float32 on other CPUs, where bf16
+    matmuls are emulated (~100x slower than fp32, measured on AVX2 hosts). An explicit bfloat16 on such a CPU warns
+    and runs float32, unless ``CUBELM_FORCE_BF16=1`` (to measure or test the bf16 path there)."""
+    device = torch.device(device)
+    if isinstance(name, str) and name in ("auto", "bfloat16", "bf16") and device.type == "cpu":
+        from cubelm.systems.host import cpu_flags
+        has_bf16 = any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+        if name == "auto":
+            return torch.bfloat16 if has_bf16 else torch.float32
+        if not has_bf16 and os.environ.get("CUBELM_FORCE_BF16") != "1":
+            import sys
+            print("cubelm: warning: this CPU reports no bf16 instructions (avx512_bf16 or amx_bf16), where bfloat16 "
+                  "matmuls run ~100x slower than float32: using float32 (CUBELM_FORCE_BF16=1 keeps bfloat16)",
+                  file=sys.stderr)
+            return torch.float32
+    return resolve_dtype(name, device)
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """A torch device from a user's string, with an error that says what would work."""
     try:

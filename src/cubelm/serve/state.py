@@ -50,6 +50,7 @@ class ServerState:
                 o = self.options
                 cfg = EngineConfig(kv_cache_memory=o.kv_cache_memory, max_num_seqs=o.max_num_seqs,
                                    max_model_len=o.max_model_len, num_blocks=o.num_blocks,
+                                   kv_cache_dtype=o.kv_cache_dtype,
                                    enable_lora=o.enable_lora, max_loras=o.max_loras, max_lora_rank=o.max_lora_rank,
                                    max_cpu_loras=o.max_cpu_loras, quantization=o.quantization,
                                    quantization_group_size=o.quantization_group_size)

@@ -28,6 +28,7 @@ _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 # is the exact count for one tensor as ``cubelm.compress.nf4`` stores it (padded blocks, the fp32 mean).
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 NF4_DQ_BITS = Fraction(4) + Fraction(8, NF4_BLOCK) + Fraction(32, NF4_BLOCK * NF4_SCALE_BLOCK)
+KV_INT8_SCALE_BYTES = 4  # the engine's int8 KV cache: one fp32 scale per token per KV head (cubelm.engine.kv_cache)
 MODES = ("inference", "full", "lora", "qlora")
 ADAM_BYTES = 8  # AdamW keeps two fp32 moments (m, v) per trained parameter
 TRAINED_BYTES = 16  # fp32 weight + fp32 grad + 2 fp32 moments (or 16-bit weight + grad + fp32 master + moments)
@@ -71,8 +72,13 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
 
     The book writes n_heads because Llama 2 7B is MHA; with GQA/MQA only the key/value heads are cached, so
     the book's n_heads becomes num_key_value_heads and the cache shrinks by heads/kv_heads.
+    int8 is the engine's format (``kv_cache_dtype="int8"``, ``cubelm.engine.kv_cache``): each cached row (one
+    token, one KV head) is head_dim int8 codes plus one fp32 scale, so 2 × n_layers × n_kv_heads × (head_dim + 4).
     """
-    return _nbytes(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim, _bits(dtype))
+    rows = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads
+    if canonical_dtype(dtype) == "int8":
+        return rows * (cfg.head_dim + KV_INT8_SCALE_BYTES)
+    return _nbytes(rows * cfg.head_dim, _bits(dtype))
 
 
 def kv_cache_bytes(cfg: ModelConfig, dtype: str, tokens: int, batch: int = 1) -> int:
@@ -287,4 +293,5 @@ def gib(num_bytes: int) -> str:
 
 __all__ = ["dtype_bytes", "canonical_dtype", "weight_bytes", "kv_cache_bytes_per_token", "kv_cache_bytes",
            "KVPoolPlan", "plan_kv_pool", "ActivationEstimate", "activation_bytes", "lora_params", "nf4_tensor_bytes",
-           "nf4_base_bytes", "TrainingStates", "training_states", "parse_bytes", "NF4_DQ_BITS", "MODES"]
+           "nf4_base_bytes", "TrainingStates", "training_states", "parse_bytes", "NF4_DQ_BITS", "MODES",
+           "KV_INT8_SCALE_BYTES"]

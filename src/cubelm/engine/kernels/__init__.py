@@ -1,11 +1,11 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ``ctypes``.
 
-Each kernel is one C file next to this module. ``load(name)`` compiles it once per machine into
-``$CUBELM_KERNEL_CACHE`` (default ``~/.cache/cubelm/kernels``) as ``<name>-<hash>.so`` with ``-O3 -march=native
--fopenmp`` (the hash covers the source, the flags and the CPU's feature flags, so a cache shared between different
-machines never loads code built for another CPU), writing to a temporary file and renaming it into place so that
-concurrent first uses are safe. When there is no compiler, or ``CUBELM_KERNELS=0``, ``load`` returns ``None`` and
-callers keep their pure-PyTorch path: kernels are an optimization, never a requirement.
+Each kernel is one C file next to this module (it may ``#include`` another). ``load(name)`` compiles it once per
+machine into ``$CUBELM_KERNEL_CACHE`` (default ``~/.cache/cubelm/kernels``) as ``<name>-<hash>.so`` with ``-O3
+-march=native -fopenmp`` (the hash covers every kernel source, the flags and the CPU's feature flags, so a cache
+shared between different machines never loads code built for another CPU), writing to a temporary file and renaming
+it into place so that concurrent first uses are safe. When there is no compiler, or ``CUBELM_KERNELS=0``, ``load``
+returns ``None`` and callers keep their pure-PyTorch path: kernels are an optimization, never a requirement.
 
 Compiling and linking are two steps on purpose: ``-ffast-math`` on the link line makes gcc (before 13) add
 ``crtfastmath.o``, whose constructor sets flush-to-zero/denormals-are-zero for the *whole process* as soon as the
@@ -84,7 +84,9 @@ def load(name: str) -> ctypes.CDLL | None:
             return _loaded[name]
         src = Path(__file__).with_name(f"{name}.c")
         flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
-        key = hashlib.sha256(src.read_bytes() + flags + _cpu_flags().encode()).hexdigest()[:16]
+        # every kernel source, not only this one: a kernel may #include others (decode_step.c does)
+        sources = b"".join(p.read_bytes() for p in sorted(src.parent.glob("*.c")))
+        key = hashlib.sha256(src.read_bytes() + sources + flags + _cpu_flags().encode()).hexdigest()[:16]
         lib_path = cache_dir() / f"{name}-{key}.so"
         lib = None
         try:
