@@ -120,12 +120,13 @@ def test_fused_projections_and_head_option():
     assert attn.q_proj.fused.linear.out_features == attn.q_proj.fused.linear.qweight.shape[0] == 128 + 2 * 64
     assert isinstance(quant.lm_head, QuantLinear)
     from cubelm.engine.decode_layout import apply_decode_layout
-    ids = torch.randint(0, 128, (1, 5))
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = quant(ids)
         after = apply_decode_layout(quant)(ids)  # leaves the quantized modules alone
     assert isinstance(quant.lm_head, QuantLinear)
-    torch.testing.assert_close(after, before)
+    # the layout also fuses the layers' elementwise work (fused_decode): equal up to float rounding
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_input_errors():
