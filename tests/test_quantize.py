@@ -215,3 +215,19 @@ def test_bench_decode_quantized_matches_the_reference_generator(capsys):
     assert report["token_ids"] == want
     # the projections are read as int4 codes + scales, the tied embedding / head stays fp32
     assert report["bytes_per_step"] < cfg.num_params() * 4 * 0.5
+
+
+@pytest.mark.parametrize("method,group", [("int8", None), ("int4", 64)])
+def test_native_step_runs_quantized_layers_like_the_module_path(model_dir, method, group):
+    from cubelm import LLM, SamplingParams
+    kwargs = dict(num_blocks=64, log=lambda m: None, quantization=method, quantization_group_size=group or 32)
+    native, plain = LLM(str(model_dir), **kwargs), LLM(str(model_dir), native_step=False, **kwargs)
+    if native.engine.runner.native_step is None:
+        pytest.skip("no native step here (no C compiler or CUBELM_KERNELS=0)")
+    assert plain.engine.runner.native_step is None
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    for a, b in zip(native.generate(["def add(", "class Point"], params, use_tqdm=False),
+                    plain.generate(["def add(", "class Point"], params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert abs(la.logprob - lb.logprob) < 1e-4  # the same kernels in the same order: float rounding at most

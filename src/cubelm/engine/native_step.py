@@ -42,6 +42,12 @@ def describe_linear(mod) -> tuple[list, list[torch.Tensor]] | None:
         tensors = [mod.weight_blocks] + ([] if mod.bias is None else [mod.bias])
         return [mod.weight_blocks.data_ptr(), 0, 0 if mod.bias is None else mod.bias.data_ptr(), 0, mod.parts,
                 mod.weight_blocks.shape[2]], tensors
+    from cubelm.compress.quantized_linear import QuantLinear  # imports the decode layout: imported late
+    if type(mod) is QuantLinear and mod.qweight.device.type == "cpu" and mod.qweight.is_contiguous() and \
+            mod.scales.dtype == torch.float32 and mod.scales.is_contiguous():
+        tensors = [mod.qweight, mod.scales] + ([] if mod.bias is None else [mod.bias])
+        return [mod.qweight.data_ptr(), mod.scales.data_ptr(), 0 if mod.bias is None else mod.bias.data_ptr(),
+                1 if mod.method == "int8" else 2, 0, mod.group_size or 0], tensors
     return None
 
 

@@ -11,6 +11,8 @@
  * Per layer, a table of NCOL int64 (ptrs): the two norm weights, then four linears (fused q/k/v, o_proj, fused
  * gate/up, down_proj), each described by LIN values: weight, scales, bias (0 = none), kind, a, b. Kind 0 is fp32 in
  * the decode layout's tile-major (P, K, Nb) blocks (decode_layout.BlockedLinear; a = P, b = Nb): skinny_gemm.c.
+ * Kinds 1 and 2 are weight-only int8 and int4 (cubelm.compress.quantized_linear.QuantLinear; weight = codes,
+ * scales = its scales, b = the int4 group size): qgemm.c.
  * q/k/v and gate/up are fused (outputs q | k | v and gate | up).
  * dims: hidden, Hq, Hkv, D, inter, layers, block_size, window, slots_per_layer
  * scale is the attention's 1/sqrt(D) as the Python path rounds it. Returns 0; 1 when the attention's score buffers
@@ -25,6 +27,7 @@
 #include "decode_ops.c"
 #include "paged_decode.c"
 #include "skinny_gemm.c"
+#include "qgemm.c"
 
 /* One (token, head) row of D values -> int8 codes and a scale: scale = absmax / 127, code = round-half-even(x /
  * scale) clamped to +-127, the all-zero row divided by FLT_MIN. IEEE division and rounding, not -ffast-math's
@@ -79,6 +82,11 @@ static inline const float *P(const int64_t *p, int i) { return (const float *)(i
 static int linear(const int64_t *lin, const float *x, float *y, int64_t M, int64_t K, int64_t N, int nthreads) {
     switch (lin[KIND]) {
         case 0: skinny_gemm(x, P(lin, W), y, M, K, lin[ARG_A], lin[ARG_B], nthreads); break;
+        case 1: /* fall through: qgemm takes the bits */
+        case 2:
+            if (qgemm(x, P(lin, W), P(lin, SCALES), y, M, K, N, lin[KIND] == 1 ? 8 : 4, lin[ARG_B], nthreads))
+                return 1;
+            break;
         default: return 2;
     }
     add_bias(y, P(lin, BIAS), M, N);
