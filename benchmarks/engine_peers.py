@@ -35,6 +35,7 @@ sys.path.insert(0, str(SRC))  # this checkout's cubelm, whatever is installed in
 sys.path.insert(0, str(HERE))
 
 from engine_throughput import workload  # noqa: E402
+from peer_convert import PeerError, convert_ct2, convert_gguf, prepare_model, vocab_size  # noqa: E402
 from peer_table import Row, format_table, summarize  # noqa: E402
 
 # The precisions each peer is measured in, and the cubelm dtype that is "equal precision" to each.
@@ -45,89 +46,8 @@ THROUGHPUT_PEERS = ("vllm", "ct2")
 IMPORTS = {"vllm": "vllm", "llamacpp": "llama_cpp", "ct2": "ctranslate2"}
 
 
-class PeerError(RuntimeError):
-    """A peer that could not be set up or failed a round; the message becomes the table row's reason."""
-
-
 def has_bf16_hardware(info: dict) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(info["isa_flags"]))
-
-
-# --- models and conversions -----------------------------------------------------------------------------------
-
-def prepare_model(work: Path, name: str, seed: int) -> Path:
-    """The seeded random preset in HF format, created once per (preset, seed) and reused by later runs."""
-    from cubelm.model.config import preset
-    from cubelm.model.hf_io import save_model
-    from cubelm.model.transformer import build_model
-    out = work / f"{name}-seed{seed}" / "hf"
-    if not (out / "config.json").is_file():
-        cfg = preset(name, eos_token_id=2, bos_token_id=1, pad_token_id=0)
-        save_model(build_model(cfg, seed=seed), out)
-    return out
-
-
-def vocab_size(hf_dir: Path) -> int:
-    return json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-
-
-def _linked_copy(hf_dir: Path, dst: Path) -> Path:
-    """A directory with the model's files symlinked, to which a peer's converter-specific tokenizer is added."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in hf_dir.iterdir():
-        if not (dst / f.name).exists():
-            (dst / f.name).symlink_to(f.resolve())
-    return dst
-
-
-def word_level_tokenizer(vocab: int) -> dict:
-    """tokenizer.json with exactly the model's vocabulary (``t<id>``; 0-2 are <unk> <s> </s>): CTranslate2's converter
-    copies the vocabulary from it, and the CTranslate2 worker feeds ``t<id>`` strings."""
-    names = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, vocab)]
-    special = [{"id": i, "content": names[i], "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for i in range(3)]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
-            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": {n: i for i, n in enumerate(names)}, "unk_token": "<unk>"}}
-
-
-def _run(cmd: list[str], what: str, env: dict | None = None) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise PeerError(f"{what} failed: {' | '.join(tail)}")
-
-
-def convert_ct2(py: str, hf_dir: Path, quantization: str) -> Path:
-    out = hf_dir.parent / f"ct2-{quantization}"
-    if (out / "model.bin").is_file():
-        return out
-    src = _linked_copy(hf_dir, hf_dir.parent / "ct2-src")
-    (src / "tokenizer.json").write_text(json.dumps(word_level_tokenizer(vocab_size(hf_dir))))
-    (src / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}))
-    converter = str(Path(py).parent / "ct2-transformers-converter")
-    _run([converter, "--model", str(src), "--output_dir", str(out), "--quantization", quantization, "--force"],
-         f"ct2-transformers-converter --quantization {quantization}")
-    return out
-
-
-def convert_gguf(py: str, llamacpp_src: Path, hf_dir: Path, outtype: str) -> Path:
-    out = hf_dir.parent / f"model-{outtype}.gguf"
-    if out.is_file():
-        return out
-    script = llamacpp_src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        raise PeerError(f"{script} not found (unpack the llama-cpp-python sdist and pass --llamacpp-src)")
-    src = _linked_copy(hf_dir, hf_dir.parent / "gguf-src")
-    if not (src / "tokenizer.model").is_file():
-        _run([py, str(HERE / "peer_workers.py"), "write-spm", "--vocab-size", str(vocab_size(hf_dir)), "--out",
-              str(src / "tokenizer.model")], "writing the SentencePiece vocabulary")
-    tmp = out.with_suffix(".tmp")
-    _run([py, str(script), str(src), "--outfile", str(tmp), "--outtype", outtype], f"convert_hf_to_gguf {outtype}",
-         env={"PYTHONPATH": str(script.parent / "gguf-py"), "HF_HUB_OFFLINE": "1"})
-    tmp.rename(out)
-    return out
 
 
 # --- engines --------------------------------------------------------------------------------------------------
@@ -222,20 +142,20 @@ def run_rounds(runners: dict, rounds: int, log=print) -> dict[str, list]:
     return samples
 
 
-def peer_group(engine: str, a, model: str, hf_dir: Path, workload_name: str, support: dict, info: dict,
+def peer_group(engine: str, a, model: str, hf_dir: Path, workloads: list[str], support: dict, info: dict,
                requests=None) -> list[Row]:
-    """Rows for one peer on one model and workload: load it, interleave rounds with cubelm, summarize."""
+    """Rows for one peer on one model: load it once, then for each workload interleave rounds with cubelm."""
     py = getattr(a, f"{engine}_python")
     precisions = [p for p in PEER_PRECISIONS[engine] if p != "bf16" or has_bf16_hardware(info)]
-    where = dict(workload=workload_name, model=model, engine=ENGINE_NAMES[engine])
     reason = check_peer(engine, py)
     if reason:
-        return [Row(**where, precision=p, note=f"skipped: {reason}") for p in precisions]
+        return [Row(workload=w, model=model, engine=ENGINE_NAMES[engine], precision=p, note=f"skipped: {reason}")
+                for w in workloads for p in precisions]
     rows = []
     # vLLM holds one model per process; the others load every precision into one worker.
     batches = [[p] for p in precisions] if engine == "vllm" else [precisions]
     for batch in batches:
-        rows += _measure_peer(engine, py, batch, a, model, hf_dir, workload_name, support, where, requests)
+        rows += _measure_peer(engine, py, batch, a, model, hf_dir, workloads, support, requests)
     return rows
 
 
@@ -245,16 +165,34 @@ def _cubelm_pair(precision: str, workload_name: str, support: dict) -> str:
     return eq if eq in usable and support.get(eq) is None else "fp32"
 
 
-def _measure_peer(engine, py, precisions, a, model, hf_dir, workload_name, support, where, requests) -> list[Row]:
-    log = Path(a.work_dir) / f"{engine}-{model}-{workload_name}-{'-'.join(precisions)}.log"
-    worker = cubelm_worker = None
+def _measure_peer(engine, py, precisions, a, model, hf_dir, workloads, support, requests) -> list[Row]:
+    log = Path(a.work_dir) / f"{engine}-{model}-{'-'.join(precisions)}.log"
+    rows, worker = [], None
     try:
         worker = Worker(py, engine, a.threads, log)
         for p in precisions:
             print(f"[{ENGINE_NAMES[engine]} {p}] preparing {model} ...", flush=True)
-            _load_peer(worker, engine, py, p, a, hf_dir, workload_name)
-        pairs = {p: _cubelm_pair(p, workload_name, support) for p in precisions}
-        runners = {}
+            _load_peer(worker, engine, py, p, a, hf_dir)
+    except PeerError as e:
+        print(f"[{ENGINE_NAMES[engine]}] {e}", flush=True)
+        if worker is not None:
+            worker.close()
+        return [Row(workload=w, model=model, engine=ENGINE_NAMES[engine], precision=p, note=f"failed: {e}")
+                for w in workloads for p in precisions]
+    try:
+        for w in workloads:
+            rows += _workload_rows(engine, worker, precisions, a, model, hf_dir, w, support, requests, log)
+    finally:
+        worker.close()
+    return rows
+
+
+def _workload_rows(engine, worker, precisions, a, model, hf_dir, workload_name, support, requests, log) -> list[Row]:
+    where = dict(workload=workload_name, model=model, engine=ENGINE_NAMES[engine])
+    pairs = {p: _cubelm_pair(p, workload_name, support) for p in precisions}
+    runners, cubelm_worker = {}, None
+    print(f"[{ENGINE_NAMES[engine]}] {workload_name} on {model}: {a.rounds} interleaved rounds", flush=True)
+    try:
         if workload_name == "decode":
             for d in dict.fromkeys(pairs.values()):  # each cubelm dtype once a round, then its peers
                 runners[f"cubelm {d}"] = lambda d=d: cubelm_decode(hf_dir, d, a)
@@ -269,18 +207,16 @@ def _measure_peer(engine, py, precisions, a, model, hf_dir, workload_name, suppo
                 runners[f"cubelm {d}"] = lambda d=d: _throughput(cubelm_worker, d, requests, 0)
                 for p in (p for p in precisions if pairs[p] == d):
                     runners[f"peer {p}"] = lambda p=p: _throughput(worker, p, requests, a.ct2_batch_size)
-        samples = run_rounds(runners, a.rounds)
-        return summarize(samples, {p: pairs[p] for p in precisions}, where)
+        return summarize(run_rounds(runners, a.rounds), pairs, where)
     except PeerError as e:
         print(f"[{ENGINE_NAMES[engine]}] {e}", flush=True)
         return [Row(**where, precision=p, note=f"failed: {e}") for p in precisions]
     finally:
-        for w in (worker, cubelm_worker):
-            if w is not None:
-                w.close()
+        if cubelm_worker is not None:
+            cubelm_worker.close()
 
 
-def _load_peer(worker: Worker, engine: str, py: str, precision: str, a, hf_dir: Path, workload_name: str) -> None:
+def _load_peer(worker: Worker, engine: str, py: str, precision: str, a, hf_dir: Path) -> None:
     if engine == "llamacpp":
         path = convert_gguf(py, Path(a.llamacpp_src), hf_dir, {"fp32": "f32"}.get(precision, precision))
         worker.call("load", key=precision, path=str(path), n_ctx=a.prompt_tokens + a.new_tokens + 16)
@@ -362,23 +298,27 @@ def main(argv=None) -> int:
     peers = [p for p in a.peers.split(",") if p]
     support = cubelm_dtype_support(a.cubelm_dtypes.split(","), info)
     rows: list[Row] = []
-    a.prompt = {}
-    for model in models if "decode" in workloads else []:
+    a.prompt, requests = {}, None
+    decode_models = models if "decode" in workloads else []
+    throughput_model = a.throughput_model if "throughput" in workloads else None
+    for model in dict.fromkeys([*decode_models, *([throughput_model] if throughput_model else [])]):
         hf_dir = prepare_model(work, model, a.seed)
         a.prompt[model] = prompt_ids(vocab_size(hf_dir), a.prompt_tokens, a.seed)
-        print(f"== decode, {model}: batch 1, {a.prompt_tokens} prompt + {a.new_tokens} new tokens", flush=True)
+        if model == throughput_model:
+            requests = workload(a.num_requests, vocab_size(hf_dir), a.seed)
+            print(f"== {model}: throughput workload {len(requests)} requests, {sum(len(p) for p, _ in requests):,} "
+                  f"prompt + {sum(n for _, n in requests):,} output tokens", flush=True)
+        if model in decode_models:
+            print(f"== {model}: batch-1 decode, {a.prompt_tokens} prompt + {a.new_tokens} new tokens", flush=True)
         for engine in peers:
-            rows += peer_group(engine, a, model, hf_dir, "decode", support, info)
-        paired = {_cubelm_pair(p, "decode", support) for e in peers for p in PEER_PRECISIONS[e]}
-        rows += cubelm_only_rows(a, model, hf_dir, support, paired)
-    if "throughput" in workloads:
-        model = a.throughput_model
-        hf_dir = prepare_model(work, model, a.seed)
-        requests = workload(a.num_requests, vocab_size(hf_dir), a.seed)
-        print(f"== throughput, {model}: {len(requests)} requests, {sum(len(p) for p, _ in requests):,} prompt + "
-              f"{sum(n for _, n in requests):,} output tokens", flush=True)
-        for engine in (e for e in peers if e in THROUGHPUT_PEERS):
-            rows += peer_group(engine, a, model, hf_dir, "throughput", support, info, requests)
+            here = [w for w in ("decode", "throughput") if (w == "decode" and model in decode_models)
+                    or (w == "throughput" and model == throughput_model and engine in THROUGHPUT_PEERS)]
+            if here:
+                rows += peer_group(engine, a, model, hf_dir, here, support, info, requests)
+        if model in decode_models:
+            paired = {_cubelm_pair(p, "decode", support) for e in peers for p in PEER_PRECISIONS[e]}
+            rows += cubelm_only_rows(a, model, hf_dir, support, paired)
+    rows.sort(key=lambda r: r.workload)  # stable: decode rows first, each model's in the order measured
     print(f"\nhost: {describe_host(info)}; read bandwidth {bandwidth:.1f} GB/s; rounds {a.rounds}; "
           f"medians; shared machine: compare ratios within this run")
     print(format_table(rows))

@@ -43,7 +43,7 @@ def test_agreement_counts_requests_and_length_differences():
 def test_word_level_vocabulary_round_trips_ids(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from engine_peers import word_level_tokenizer
+    from peer_convert import word_level_tokenizer
     (tmp_path / "tokenizer.json").write_text(json.dumps(word_level_tokenizer(300)))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), unk_token="<unk>",
                                   bos_token="<s>", eos_token="</s>")
