@@ -50,3 +50,20 @@ def test_word_level_vocabulary_round_trips_ids(tmp_path):
     assert len(tok) == 300 and (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
     assert tok.convert_tokens_to_ids(["t3", "t299", "t17"]) == [3, 299, 17]
     assert tok("t3 t299 t17", add_special_tokens=False)["input_ids"] == [3, 299, 17]
+
+
+def test_peers_are_paired_with_cubelm_at_equal_precision_when_it_has_that_dtype(monkeypatch):
+    import engine_peers
+    from cubelm.engine import bench
+    avx2 = {"isa_flags": ["avx2", "fma"]}
+    monkeypatch.setattr(bench, "DTYPES", {"fp32": "float32", "bf16": "bfloat16"})
+    support = engine_peers.cubelm_dtype_support(["fp32", "bf16", "int8"], avx2)
+    assert support["fp32"] is None and "no bf16 hardware" in support["bf16"] and "unsupported" in support["int8"]
+    assert engine_peers._cubelm_pair("q8_0", "decode", support) == "fp32"  # no int8 in this cubelm: vs fp32
+    monkeypatch.setattr(bench, "DTYPES", {"fp32": "float32", "int8": "int8"})
+    support = engine_peers.cubelm_dtype_support(["fp32", "int8"], {"isa_flags": ["avx512_bf16"]})
+    assert engine_peers._cubelm_pair("q8_0", "decode", support) == "int8"
+    assert engine_peers._cubelm_pair("int8", "decode", support) == "int8"
+    assert engine_peers._cubelm_pair("fp32", "decode", support) == "fp32"
+    # the offline workload loads cubelm through load_model (fp32/bf16 only): int8 peers are compared with fp32
+    assert engine_peers._cubelm_pair("int8", "throughput", support) == "fp32"
