@@ -92,13 +92,18 @@ class Worker:
         self.log.close()
 
 
+def cubelm_env(threads: int) -> dict:
+    """This checkout's cubelm, on ``--threads`` threads (torch and cubelm's kernels read OMP_NUM_THREADS)."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p),
+            "OMP_NUM_THREADS": str(threads)}
+
+
 def cubelm_decode(hf_dir: Path, dtype: str, a) -> dict:
     """One round of ``cubelm bench decode`` in a fresh process (the same code users run)."""
     cmd = [sys.executable, "-m", "cubelm", "bench", "decode", "--model", str(hf_dir), "--dtype", dtype,
            "--rounds", "1", "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
            "--seed", str(a.seed), "--json"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **cubelm_env(a.threads)})
     if r.returncode != 0:
         raise PeerError(f"cubelm bench decode --dtype {dtype}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -201,7 +206,7 @@ def _workload_rows(engine, worker, precisions, a, model, hf_dir, workload_name, 
                     runners[f"peer {p}"] = lambda p=p: _peer_decode(worker, p, a.prompt[model], a.new_tokens)
         else:
             cubelm_worker = Worker(sys.executable, "cubelm", a.threads, log.with_suffix(".cubelm.log"),
-                                   env={"PYTHONPATH": str(SRC)})
+                                   env=cubelm_env(a.threads))
             for d in dict.fromkeys(pairs.values()):
                 cubelm_worker.call("load", key=d, path=str(hf_dir), dtype={"fp32": "float32"}.get(d, "bfloat16"))
                 runners[f"cubelm {d}"] = lambda d=d: _throughput(cubelm_worker, d, requests, 0)
