@@ -30,12 +30,14 @@ def workload(n: int, vocab: int, seed: int, prompt_range=(32, 512), out_range=(3
     return reqs
 
 
-def run_cubelm(model_dir: str, reqs, *, max_num_seqs: int, max_batched: int, compile_decode: bool = False) -> float:
+def run_cubelm(model_dir: str, reqs, *, max_num_seqs: int, max_batched: int, dtype: str = "float32",
+               outputs: dict | None = None) -> float:
+    """Output tokens/s of the whole workload; ``outputs`` (if given) receives each request's token ids by index."""
     from cubelm.engine.config import EngineConfig
     from cubelm.engine.llm_engine import LLMEngine
     from cubelm.engine.params import SamplingParams
     from cubelm.model.hf_io import load_model
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=dtype)
     engine = LLMEngine(model, None, EngineConfig(kv_cache_memory="4GiB", max_num_seqs=max_num_seqs,
                                                  max_num_batched_tokens=max_batched), log=lambda m: None)
     t0 = time.perf_counter()
@@ -46,6 +48,8 @@ def run_cubelm(model_dir: str, reqs, *, max_num_seqs: int, max_batched: int, com
         for out in engine.step():
             if out.finished:
                 produced += len(out.outputs[0].token_ids)
+                if outputs is not None:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
     dt = time.perf_counter() - t0
     assert produced == sum(o for _, o in reqs)
     return produced / dt

@@ -98,15 +98,19 @@ def bytes_per_step(model, context: float, batch: int, kv_cache_dtype: str = "aut
     return weights + batch * context * kv_cache_bytes_per_token(cfg, kv_dtype)
 
 
+def prompt_ids(vocab_size: int, num_tokens: int, seed: int) -> list[int]:
+    """The seeded random prompt every round uses (ids >= 3 skip the special tokens); ``benchmarks/engine_peers.py``
+    feeds the same ids to the other engines."""
+    import torch
+    return torch.randint(3, vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def measure_round(model, o: BenchDecodeOptions, **engine_options) -> dict:
     """One timed run of ``o`` on ``model``; ``engine_options`` go to ``EngineConfig`` (benchmarks compare paths)."""
-    import torch
-
     from cubelm.engine.config import EngineConfig
     from cubelm.engine.llm_engine import LLMEngine
     from cubelm.engine.params import SamplingParams
-    vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (o.prompt_tokens,), generator=torch.Generator().manual_seed(o.seed)).tolist()
+    prompt = prompt_ids(model.config.vocab_size, o.prompt_tokens, o.seed)
     engine = LLMEngine(model, None, EngineConfig(
         max_num_seqs=o.batch, max_num_batched_tokens=max(512, o.batch * o.prompt_tokens),
         max_model_len=o.prompt_tokens + o.new_tokens + 16, enable_prefix_caching=False,
