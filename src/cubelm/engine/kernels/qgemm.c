@@ -23,7 +23,9 @@
  * a partial last block padded with zero weights), ws (N, ceil(K/G)) fp32 with G a multiple of 32. y (M, N) fp32 row-major. Output rows are split over the threads; the weight
  * row of one output is read from memory once and stays in L1 for the M activation rows.
  */
-#include <immintrin.h>
+#if defined(__AVX2__)
+#include <immintrin.h> /* x86 only: other CPUs build the plain C paths */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
