@@ -20,7 +20,7 @@ def test_same_logits_for_one_and_many_tokens(block, bias):
     blocked = apply_decode_layout(copy.deepcopy(model), block=block)
     assert isinstance(blocked.lm_head, BlockedLinear)
     assert isinstance(blocked.model.layers[0].mlp.up_proj, FusedSlice)
-    for length in (1, 3, 5, 13):  # 2 and 6 rows: the kernel (4-row tiles + leftovers); 10, 26: the bmm
+    for length in (1, 3, 5, 13):  # 2 and 6 rows: the few-row kernel; 10, 26: the many-row kernel (or the bmm)
         ids = torch.randint(0, 96, (2, length), generator=torch.Generator().manual_seed(length))
         with torch.inference_mode():
             want, got = model(ids), blocked(ids)
@@ -35,6 +35,18 @@ def test_skinny_gemm_matches_matmul(rows, K, N, block):
     w, x = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
     blocks = w.T.contiguous().view(K, N // block, block).permute(1, 0, 2).contiguous()
     torch.testing.assert_close(skinny_gemm.skinny_gemm(x, blocks), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not skinny_gemm.many_rows_available(), reason="no C compiler: the kernel cannot be built")
+@pytest.mark.parametrize("rows", [9, 13, 96, 97, 200])  # micro-tile leftovers (6-row panels), 96-row task chunks
+@pytest.mark.parametrize("K,N,block", [(64, 256, 128), (300, 3 * 40, 40), (33, 640, 64), (600, 96, 96)])
+def test_blocked_gemm_matches_matmul(rows, K, N, block):
+    """The many-row kernel: strips of 16/32 columns plus leftover columns (40, 96 on AVX-512), K in several
+    256-deep chunks (300, 600), every row count left over by the 6-row micro-tile."""
+    g = torch.Generator().manual_seed(rows * 7 + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
+    blocks = w.T.contiguous().view(K, N // block, block).permute(1, 0, 2).contiguous()
+    torch.testing.assert_close(skinny_gemm.blocked_gemm(x, blocks), x @ w.T, atol=1e-4, rtol=1e-5)
 
 
 def test_layout_is_cpu_only():

@@ -31,8 +31,9 @@ class BlockedLinear(nn.Module):
     """``y = x W^T + b`` with W stored tile-major, ``(P, in, B)``: block p = output columns p*B .. (p+1)*B.
 
     Up to ``skinny_gemm.MAX_ROWS`` rows (decode) run in the native kernel, which streams each tile once and writes
-    the row-major output directly; more rows (prefill) run as one batched matmul over the P blocks, which MKL
-    spreads over its threads. Block width: 128 columns gives the bmm ~6% more at 1,024 rows than 64 (the whole
+    the row-major output directly; more rows (batched decode, prompt chunks) in ``kernels/blocked_gemm.c``, a
+    register-blocked GEMM over the same layout (5-25% above MKL's batched matmul over the blocks on base's shapes,
+    which remains the path without a compiler). Block width: 128 columns gives the bmm ~6% more at 1,024 rows than 64 (the whole
     64-request benchmark ~5%), 64 columns gives the kernel ~25% more at one row (measured interleaved, base preset);
     decoder layers take 128, the output head, which only sees the sampled rows, 64."""
 
@@ -49,12 +50,17 @@ class BlockedLinear(nn.Module):
                              .permute(1, 0, 2).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.use_kernel = w.device.type == "cpu" and w.dtype == torch.float32 and skinny_gemm.available()
+        # more rows: the register-blocked kernel (kernels/blocked_gemm.c), else one batched matmul over the blocks
+        self.use_many_rows_kernel = self.use_kernel and skinny_gemm.many_rows_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= skinny_gemm.MAX_ROWS and self.use_kernel and not torch.compiler.is_compiling():
-            y = skinny_gemm.skinny_gemm(x2.contiguous(), self.weight_blocks).view(*lead, self.out_features)
+        rows = x2.shape[0]
+        if self.use_kernel and not torch.compiler.is_compiling() and \
+                (rows <= skinny_gemm.MAX_ROWS or self.use_many_rows_kernel):
+            gemm = skinny_gemm.skinny_gemm if rows <= skinny_gemm.MAX_ROWS else skinny_gemm.blocked_gemm
+            y = gemm(x2.contiguous(), self.weight_blocks).view(*lead, self.out_features)
         else:
             y = torch.bmm(x2.unsqueeze(0).expand(self.parts, -1, -1), self.weight_blocks)  # (P, M, B)
             y = y.transpose(0, 1).reshape(*lead, self.out_features)

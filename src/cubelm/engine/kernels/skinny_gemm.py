@@ -26,3 +26,24 @@ def skinny_gemm(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], P * Nb, dtype=x.dtype, device=x.device)
     _fn(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], K, P, Nb, torch.get_num_threads())
     return y
+
+
+_many = None
+
+
+def many_rows_available() -> bool:
+    """Whether ``blocked_gemm.c`` (the register-blocked GEMM for more than MAX_ROWS rows) could be built."""
+    global _many
+    if _many is None:
+        _many = kernels.function("blocked_gemm", "blocked_gemm", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 +
+                                 [ctypes.c_int]) or False
+    return _many is not False
+
+
+def blocked_gemm(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``skinny_gemm`` for any number of rows (batched decode, prompt chunks)."""
+    P, K, Nb = blocks.shape
+    y = torch.empty(x.shape[0], P * Nb, dtype=x.dtype, device=x.device)
+    if _many(x.data_ptr(), blocks.data_ptr(), y.data_ptr(), x.shape[0], K, P, Nb, torch.get_num_threads()):
+        raise MemoryError("blocked_gemm: cannot allocate its packing buffer")
+    return y

@@ -1,0 +1,137 @@
+/* y = x @ W for many rows of x (batched decode, prefill): a register-blocked GEMM over the engine's blocked layout.
+ *
+ * Why a kernel: above a handful of rows the work is compute-bound, and the libraries reach only part of the FMA
+ * peak on the shapes of a batched decode step. Measured on base's shapes (2 threads, AVX2 EPYC): MKL's sgemm /
+ * bmm over the blocks at 34 rows ~75-95 GFLOP/s and the 32,000-column output head ~45, where this kernel keeps a
+ * 6 x 2-vector block of outputs in registers (12 accumulators) and runs at ~130+ (benchmarks/decode_paths.py and
+ * docs/benchmarks.md have the same-run figures).
+ *
+ * Layouts (fp32, contiguous): x (M, K); W (P, K, Nb): block p holds output columns p*Nb .. (p+1)*Nb as a row-major
+ * (K, Nb) matrix (cubelm.engine.decode_layout.BlockedLinear); y (M, P*Nb) row-major.
+ * Blocking: a task is one weight block p and a chunk of MC rows; K runs in chunks of KC so that the (KC, Nb) slice
+ * of the block stays in L2 while every 6-row panel of the chunk passes over it, and the panel's (6, KC) slice of x
+ * stays in L1 across the block's column strips. Sums run over k in order within a chunk, chunks in order: the
+ * result equals a dot product per output up to float rounding.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
+#define NR (2 * VL) /* columns per micro-tile: two vectors */
+#define MR 6        /* rows per micro-tile: 6 x 2 accumulators + 2 weight vectors + 1 broadcast <= 16 registers */
+#ifndef KC
+#define KC 256
+#endif
+#define MC 96
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4))); /* unaligned loads and stores */
+
+/* rows x NR outputs over k in [0, kc); rows is a literal at each call site so the accumulators stay in registers */
+static inline __attribute__((always_inline)) void micro(const int rows, const float *restrict a, int64_t lda,
+                                                        const float *restrict b, int64_t ldb, float *restrict c,
+                                                        int64_t ldc, int64_t kc, int first) {
+    vf c0[MR], c1[MR];
+    for (int m = 0; m < rows; m++) {
+        if (first) {
+            c0[m] = (vf){0};
+            c1[m] = (vf){0};
+        } else {
+            c0[m] = *(const vfu *)(c + m * ldc);
+            c1[m] = *(const vfu *)(c + m * ldc + VL);
+        }
+    }
+    for (int64_t k = 0; k < kc; k++) {
+        const vf b0 = *(const vfu *)(b + k * ldb), b1 = *(const vfu *)(b + k * ldb + VL);
+        for (int m = 0; m < rows; m++) {
+            const float av = a[m * lda + k];
+            c0[m] += av * b0;
+            c1[m] += av * b1;
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        *(vfu *)(c + m * ldc) = c0[m];
+        *(vfu *)(c + m * ldc + VL) = c1[m];
+    }
+}
+
+/* columns of a block beyond the last full NR strip (Nb not a multiple of NR): plain loops */
+static void edge(const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, int64_t rows,
+                 int64_t width, int64_t kc, int first) {
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t j = 0; j < width; j++) {
+            float acc = first ? 0.f : c[m * ldc + j];
+            for (int64_t k = 0; k < kc; k++) acc += a[m * lda + k] * b[k * ldb + j];
+            c[m * ldc + j] = acc;
+        }
+}
+
+static void panel(int64_t rows, const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc,
+                  int64_t kc, int first) {
+    switch (rows) {
+        case 6: micro(6, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 5: micro(5, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 4: micro(4, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 3: micro(3, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 2: micro(2, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 1: micro(1, a, lda, b, ldb, c, ldc, kc, first); break;
+    }
+}
+
+/* Per-thread scratch for the packed weight slice: grown once, kept for the process (a fresh 128 KB malloc per task
+ * would be an mmap and a page fault per touch). */
+static _Thread_local float *pack_buf = 0;
+static _Thread_local int64_t pack_cap = 0;
+
+static float *scratch(int64_t n) {
+    if (n > pack_cap) {
+        free(pack_buf);
+        pack_buf = aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+        pack_cap = pack_buf ? n : 0;
+    }
+    return pack_buf;
+}
+
+int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K, int64_t P, int64_t Nb,
+                 int nthreads) {
+    const int64_t chunks = (M + MC - 1) / MC, N = P * Nb, full = Nb / NR * NR, strips = full / NR;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t t = 0; t < P * chunks; t++) {
+        const int64_t p = t / chunks, m0 = (t % chunks) * MC, m1 = m0 + MC < M ? m0 + MC : M;
+        const float *w = W + p * K * Nb;
+        float *yb = y + p * Nb;
+        float *pk = scratch(KC * full);
+        if (!pk) {
+            failed = 1;
+            continue;
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = K - k0 < KC ? K - k0 : KC;
+            const int first = k0 == 0;
+            /* (kc, Nb) slice -> strips of (kc, NR) contiguous: the micro-kernel then streams its strip from L1
+             * instead of one cache line every Nb floats (which maps the strip onto a few L1 sets) */
+            for (int64_t k = 0; k < kc; k++) {
+                const float *src = w + (k0 + k) * Nb;
+                for (int64_t j = 0; j < strips; j++)
+                    *(vfu *)(pk + (j * kc + k) * NR) = *(const vfu *)(src + j * NR),
+                    *(vfu *)(pk + (j * kc + k) * NR + VL) = *(const vfu *)(src + j * NR + VL);
+            }
+            for (int64_t j = 0; j < strips; j++)
+                for (int64_t m = m0; m < m1; m += MR) {
+                    const int64_t rows = m1 - m < MR ? m1 - m : MR;
+                    panel(rows, x + m * K + k0, K, pk + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
+                }
+            if (full < Nb)
+                for (int64_t m = m0; m < m1; m += MR) {
+                    const int64_t rows = m1 - m < MR ? m1 - m : MR;
+                    edge(x + m * K + k0, K, w + k0 * Nb + full, Nb, yb + m * N + full, N, rows, Nb - full, kc, first);
+                }
+        }
+    }
+    return failed ? -1 : 0;
+}
