@@ -30,12 +30,12 @@ def _block_width(out_features: int) -> int:
 class BlockedLinear(nn.Module):
     """``y = x W^T + b`` with W stored tile-major, ``(P, in, B)``: block p = output columns p*B .. (p+1)*B.
 
-    Up to ``skinny_gemm.MAX_ROWS`` rows (decode) run in the native kernel, which streams each tile once and writes
-    the row-major output directly; more rows (batched decode, prompt chunks) in ``kernels/blocked_gemm.c``, a
-    register-blocked GEMM over the same layout (5-25% above MKL's batched matmul over the blocks on base's shapes,
-    which remains the path without a compiler). Block width: 128 columns gives the bmm ~6% more at 1,024 rows than 64 (the whole
-    64-request benchmark ~5%), 64 columns gives the kernel ~25% more at one row (measured interleaved, base preset);
-    decoder layers take 128, the output head, which only sees the sampled rows, 64."""
+    Up to ``skinny_gemm.MAX_ROWS`` rows (decode) run in the native kernel, which streams each tile once and
+    writes the row-major output directly; more rows (batched decode, prompt chunks) in ``kernels/blocked_gemm.c``,
+    a register-blocked GEMM over the same layout (5-25% above MKL's batched matmul over the blocks on base's
+    shapes, which remains the path without a compiler). Block width: 128 columns gives the bmm ~6% more at 1,024
+    rows than 64 (the whole 64-request benchmark ~5%), 64 columns gives the few-row kernel ~25% more at one row
+    (measured interleaved, base preset); decoder layers take 128, the output head 64."""
 
     def __init__(self, linear: nn.Linear, block: int | None = None):
         super().__init__()
@@ -71,15 +71,15 @@ class _Fused:
     """One matmul for several projections of the same input; remembers the last input it saw (by identity)."""
 
     def __init__(self, linears: list[nn.Linear], block: int | None):
-        fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears),
+        fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
                           bias=linears[0].bias is not None, device=linears[0].weight.device,
                           dtype=linears[0].weight.dtype)
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([l.weight for l in linears]))
+            fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
             if fused.bias is not None:
-                fused.bias.copy_(torch.cat([l.bias for l in linears]))
+                fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
         self.linear = BlockedLinear(fused, block if block and fused.out_features % block == 0 else None)
-        self.sizes = [l.out_features for l in linears]
+        self.sizes = [lin.out_features for lin in linears]
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
 
@@ -108,7 +108,7 @@ class FusedSlice(nn.Module):
 
 def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
     linears = [getattr(parent, n) for n in names]
-    if not all(isinstance(l, nn.Linear) for l in linears) or len({l.bias is None for l in linears}) != 1:
+    if not all(isinstance(lin, nn.Linear) for lin in linears) or len({lin.bias is None for lin in linears}) != 1:
         return
     fused = _Fused(linears, block)
     for i, n in enumerate(names):
