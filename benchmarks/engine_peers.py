@@ -34,7 +34,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(SRC))  # this checkout's cubelm, whatever is installed in the venv
 sys.path.insert(0, str(HERE))
 
-from engine_throughput import workload  # noqa: E402
+from engine_throughput import gemm_peak, workload, workload_flops  # noqa: E402
 from peer_convert import PeerError, convert_ct2, convert_gguf, prepare_model, vocab_size  # noqa: E402
 from peer_table import Row, format_table, summarize  # noqa: E402
 
@@ -255,6 +255,23 @@ def cubelm_only_rows(a, model: str, hf_dir: Path, support: dict, paired: set[str
     return rows
 
 
+def add_compute_bound(rows: list[Row], model: str, hf_dir: Path, requests) -> None:
+    """Notes each throughput row with the share of the fp32 compute bound its engines reached: the workload's own
+    FLOPs (no padding, no head on prompt positions) at the fp32 GEMM peak measured now, after the rounds."""
+    from cubelm.model.config import read_config_json
+    peak = gemm_peak()
+    prefill, decode = workload_flops(read_config_json(hf_dir), requests)
+    bound = sum(n for _, n in requests) / ((prefill + decode) / (peak * 1e9))
+    print(f"compute bound: {(prefill + decode) / 1e12:.2f} TFLOP at {peak:.0f} GFLOP/s (fp32 2048^3 matmul, now) "
+          f"= {bound:.1f} output tok/s", flush=True)
+    for r in rows:
+        if r.workload == "throughput" and r.model == model and r.tok_s is not None:
+            share = f"{r.engine} {r.tok_s / bound:.0%}"
+            if r.cubelm_tok_s is not None:
+                share = f"cubelm {r.cubelm_tok_s / bound:.0%}, {share}"
+            r.note = (r.note + "; " if r.note else "") + f"{share} of the fp32 compute bound ({bound:.0f} tok/s)"
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -323,6 +340,8 @@ def main(argv=None) -> int:
         if model in decode_models:
             paired = {_cubelm_pair(p, "decode", support) for e in peers for p in PEER_PRECISIONS[e]}
             rows += cubelm_only_rows(a, model, hf_dir, support, paired)
+        if model == throughput_model:
+            add_compute_bound(rows, model, hf_dir, requests)
     rows.sort(key=lambda r: r.workload)  # stable: decode rows first, each model's in the order measured
     print(f"\nhost: {describe_host(info)}; read bandwidth {bandwidth:.1f} GB/s; rounds {a.rounds}; "
           f"medians; shared machine: compare ratios within this run")

@@ -124,24 +124,26 @@ def test_engine_greedy_tokens_same_fused_or_eager():
 @pytest.mark.parametrize("kw", [dict(), dict(attention_bias=True, mlp_bias=True), dict(sliding_window=6),
                                 dict(num_key_value_heads=4, head_dim=32), dict(kv_cache_dtype="int8")])
 def test_native_step_equals_the_module_path(kw):
-    """Decode steps through the one-call native step give the tokens and logprobs of the module path, for 1..8
-    rows, with biases, a sliding window, without GQA and with an int8 KV pool (the native write quantizes as the
-    PyTorch path does, bit for bit), over contexts that span several blocks."""
+    """Decode steps through the one-call native step give the tokens and logprobs of the module path, for 1..14
+    rows (up to 8: the few-row GEMM, above: the register-blocked one), with biases, a sliding window, without GQA
+    and with an int8 KV pool (the native write quantizes as the PyTorch path does, bit for bit), over contexts that
+    span several blocks."""
     from cubelm.engine.config import EngineConfig
     from cubelm.engine.llm_engine import LLMEngine
     from cubelm.engine.params import SamplingParams
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in (3, 11, 20, 7, 2, 9, 30, 5)]
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist()
+               for n in (3, 11, 20, 7, 2, 9, 30, 5, 4, 13, 6, 16, 8, 10)]
     runs, kw = [], dict(kw)
     engine_kw = {k: kw.pop(k) for k in ("kv_cache_dtype",) if k in kw}
     for native in (True, False):
         engine = LLMEngine(build_model(_cfg(**kw), seed=2).eval(), None,
-                           EngineConfig(num_blocks=96, block_size=4, max_num_batched_tokens=64, **engine_kw),
+                           EngineConfig(num_blocks=128, block_size=4, max_num_batched_tokens=64, **engine_kw),
                            log=lambda m: None)
         step, rows = engine.runner.native_step, []
         assert step is not None
         if native:  # count the rows of each native call
-            engine.runner.native_step = type("Counting", (), {"MAX_ROWS": step.MAX_ROWS, "__call__": staticmethod(
+            engine.runner.native_step = type("Counting", (), {"max_rows": step.max_rows, "__call__": staticmethod(
                 lambda ids, pos, meta: rows.append(ids.shape[1]) or step(ids, pos, meta))})()
         else:
             engine.runner.native_step = None
@@ -155,7 +157,7 @@ def test_native_step_equals_the_module_path(kw):
         if native:
             pools = (engine.runner.kv_pool.k.clone(), engine.runner.kv_pool.k_scale.clone()) if engine_kw else ()
     (native, rows), (plain, _) = runs
-    assert rows and max(rows) == 8 and min(rows) < 8
+    assert rows and max(rows) == 14 and min(rows) < 8
     assert native.keys() == plain.keys()
     if engine_kw:  # the pools hold the same codes and scales
         for native_t, plain_t in zip(pools, (engine.runner.kv_pool.k, engine.runner.kv_pool.k_scale)):

@@ -1,7 +1,8 @@
 """A decode step through every decoder layer in one native call (``kernels/decode_step.c``).
 
-The runner uses it for steps made only of decode rows (one new token per sequence, at most
-``skinny_gemm.MAX_ROWS`` of them) when the model is in the engine's CPU decode layout: fp32, q/k/v and gate/up fused
+The runner uses it for steps made only of decode rows (one new token per sequence; up to ``MAX_ROWS`` of them
+with fp32 weights, ``skinny_gemm.MAX_ROWS`` with int8/int4 ones) when the model is in the engine's CPU decode
+layout: fp32, q/k/v and gate/up fused
 into ``BlockedLinear`` GEMMs (``decode_layout``), no adapters, an fp32 or int8 paged pool, kernels available. ``build``
 returns None for any other model, and the module path (``FusedDecoderLayer``) runs as before.
 
@@ -52,9 +53,13 @@ def describe_linear(mod) -> tuple[list, list[torch.Tensor]] | None:
 
 
 class NativeDecodeStep:
-    MAX_ROWS = skinny_gemm.MAX_ROWS
+    # fp32 weights: any batch a decode step can have (more than 8 rows take blocked_gemm.c, as BlockedLinear
+    # does); int8/int4 weights: qgemm's few-row range (more rows dequantize to a float matmul in the module path)
+    MAX_ROWS = 1024
+    QUANTIZED_MAX_ROWS = skinny_gemm.MAX_ROWS
 
-    def __init__(self, model, pool, block_size: int, table: list[list[int]], keep: list[torch.Tensor], eps: float):
+    def __init__(self, model, pool, block_size: int, table: list[list[int]], keep: list[torch.Tensor], eps: float,
+                 max_rows: int):
         cfg = model.config
         self.model, self.pool, self._keep = model, pool, keep
         k_cache = pool.k
@@ -64,9 +69,10 @@ class NativeDecodeStep:
                                   cfg.intermediate_size, len(table), block_size, cfg.sliding_window or 0,
                                   k_cache.shape[1]], dtype=torch.int64)
         self.ptrs = torch.tensor(table, dtype=torch.int64)
-        per_row = 2 * cfg.hidden_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D + \
+        self.per_row = 2 * cfg.hidden_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D + \
             2 * cfg.num_attention_heads * D + 3 * cfg.intermediate_size
-        self.scratch = torch.empty(self.MAX_ROWS * per_row, dtype=torch.float32)
+        self.max_rows = max_rows  # the runner sends decode-only steps of at most this many rows
+        self.scratch = torch.empty(0, dtype=torch.float32)  # grown to the largest step seen
 
     @classmethod
     def build(cls, model, pool, block_size: int) -> "NativeDecodeStep | None":
@@ -78,7 +84,7 @@ class NativeDecodeStep:
         if not layers or pool.k.dtype != store or pool.dtype != torch.float32 or pool.k.device.type != "cpu" or \
                 not (pool.k.is_contiguous() and pool.v.is_contiguous()) or _load() is None:
             return None
-        table, keep, eps = [], [], set()
+        table, keep, eps, kinds = [], [], set(), set()
         q_n, kv_n = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         for layer in layers:
             if type(layer) is not FusedDecoderLayer:
@@ -96,13 +102,15 @@ class NativeDecodeStep:
                     return None
                 row.extend(desc[0])
                 keep.extend(desc[1])
+                kinds.add(desc[0][3])
             if any(n.weight.dtype != torch.float32 for n in norms):
                 return None
             eps.update(float(n.eps) for n in norms)
             table.append(row)
         if len(eps) != 1:
             return None  # norms with different eps: the call takes one
-        return cls(model, pool, block_size, table, keep, eps.pop())
+        max_rows = cls.MAX_ROWS if kinds == {0} else cls.QUANTIZED_MAX_ROWS
+        return cls(model, pool, block_size, table, keep, eps.pop(), max_rows)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """ids, positions (1, S) of S decode rows -> final hidden states (1, S, hidden), K/V written."""
@@ -110,6 +118,8 @@ class NativeDecodeStep:
         x = inner.embed_tokens(ids)  # (1, S, hidden), a new tensor: updated in place below
         cos, sin = inner.rotary_emb(positions, x.dtype)
         S = ids.shape[1]
+        if self.scratch.numel() < S * self.per_row:
+            self.scratch = torch.empty(S * self.per_row, dtype=torch.float32)
         cos, sin = cos.reshape(S, -1).contiguous(), sin.reshape(S, -1).contiguous()
         tables, lens, slots = meta.decode_tables, meta.decode_lens, meta.slot_mapping
         pool = self.pool
@@ -119,7 +129,7 @@ class NativeDecodeStep:
                      pool.k.data_ptr(), pool.v.data_ptr(), scales[0], scales[1], self.scratch.data_ptr(),
                      torch.get_num_threads())
         if failed == 1:
-            raise MemoryError("decode step: out of memory for the attention's score buffers")
+            raise MemoryError("decode step: out of memory for the attention's score or the GEMMs' packing buffers")
         if failed:
             raise RuntimeError(f"decode step: kernel error {failed} (a linear kind decode_step.c does not know)")
         return inner.norm(x)

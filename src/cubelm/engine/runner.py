@@ -106,7 +106,7 @@ class ModelRunner:
         ``lora_slots[i]`` is the adapter slot of ``seqs[i]`` (-1 = base model)."""
         ids, positions, meta, first = self.prepare(seqs, num_new, starts, lora_slots)
         self.attn.meta = meta
-        if self.native_step is not None and not meta.prefills and meta.num_decodes <= self.native_step.MAX_ROWS:
+        if self.native_step is not None and not meta.prefills and meta.num_decodes <= self.native_step.max_rows:
             hidden = self.native_step(ids, positions, meta)
         else:
             forward = self.model.hidden_states if meta.prefills else self.decode_hidden_states

@@ -32,7 +32,7 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4))); /* unaligned loads and stores */
 
 /* rows x NR outputs over k in [0, kc); rows is a literal at each call site so the accumulators stay in registers */
-static inline __attribute__((always_inline)) void micro(const int rows, const float *restrict a, int64_t lda,
+static inline __attribute__((always_inline)) void bg_micro(const int rows, const float *restrict a, int64_t lda,
                                                         const float *restrict b, int64_t ldb, float *restrict c,
                                                         int64_t ldc, int64_t kc, int first) {
     vf c0[MR], c1[MR];
@@ -60,7 +60,7 @@ static inline __attribute__((always_inline)) void micro(const int rows, const fl
 }
 
 /* columns of a block beyond the last full NR strip (Nb not a multiple of NR): plain loops */
-static void edge(const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, int64_t rows,
+static void bg_edge(const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc, int64_t rows,
                  int64_t width, int64_t kc, int first) {
     for (int64_t m = 0; m < rows; m++)
         for (int64_t j = 0; j < width; j++) {
@@ -70,15 +70,15 @@ static void edge(const float *a, int64_t lda, const float *b, int64_t ldb, float
         }
 }
 
-static void panel(int64_t rows, const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc,
+static void bg_panel(int64_t rows, const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc,
                   int64_t kc, int first) {
     switch (rows) {
-        case 6: micro(6, a, lda, b, ldb, c, ldc, kc, first); break;
-        case 5: micro(5, a, lda, b, ldb, c, ldc, kc, first); break;
-        case 4: micro(4, a, lda, b, ldb, c, ldc, kc, first); break;
-        case 3: micro(3, a, lda, b, ldb, c, ldc, kc, first); break;
-        case 2: micro(2, a, lda, b, ldb, c, ldc, kc, first); break;
-        case 1: micro(1, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 6: bg_micro(6, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 5: bg_micro(5, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 4: bg_micro(4, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 3: bg_micro(3, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 2: bg_micro(2, a, lda, b, ldb, c, ldc, kc, first); break;
+        case 1: bg_micro(1, a, lda, b, ldb, c, ldc, kc, first); break;
     }
 }
 
@@ -87,7 +87,7 @@ static void panel(int64_t rows, const float *a, int64_t lda, const float *b, int
 static _Thread_local float *pack_buf = 0;
 static _Thread_local int64_t pack_cap = 0;
 
-static float *scratch(int64_t n) {
+static float *bg_scratch(int64_t n) {
     if (n > pack_cap) {
         free(pack_buf);
         pack_buf = aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
@@ -105,7 +105,7 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
         const int64_t p = t / chunks, m0 = (t % chunks) * MC, m1 = m0 + MC < M ? m0 + MC : M;
         const float *w = W + p * K * Nb;
         float *yb = y + p * Nb;
-        float *pk = scratch(KC * full);
+        float *pk = bg_scratch(KC * full);
         if (!pk) {
             failed = 1;
             continue;
@@ -124,12 +124,12 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
             for (int64_t j = 0; j < strips; j++)
                 for (int64_t m = m0; m < m1; m += MR) {
                     const int64_t rows = m1 - m < MR ? m1 - m : MR;
-                    panel(rows, x + m * K + k0, K, pk + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
+                    bg_panel(rows, x + m * K + k0, K, pk + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
                 }
             if (full < Nb)
                 for (int64_t m = m0; m < m1; m += MR) {
                     const int64_t rows = m1 - m < MR ? m1 - m : MR;
-                    edge(x + m * K + k0, K, w + k0 * Nb + full, Nb, yb + m * N + full, N, rows, Nb - full, kc, first);
+                    bg_edge(x + m * K + k0, K, w + k0 * Nb + full, Nb, yb + m * N + full, N, rows, Nb - full, kc, first);
                 }
         }
     }
