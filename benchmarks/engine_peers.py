@@ -16,8 +16,9 @@ Workloads: ``decode`` = batch-1 greedy decode of 128 prompt + 128 new tokens (``
 token; ``throughput`` = the 64-request offline workload of ``benchmarks/engine_throughput.py`` on `base`, useful
 output tokens/s (cubelm vs vLLM CPU vs CTranslate2; llama.cpp's Python binding serves one sequence at a time).
 Rounds are interleaved (cubelm, peer, cubelm, peer ...) and each figure is a median; a peer is compared with cubelm
-at equal precision (fp32 with fp32; q8_0 / int8 with cubelm int8 ...) when this cubelm supports that dtype, and
-with cubelm fp32 otherwise. The greedy-tokens column says whether the peer produced cubelm's tokens.
+at equal precision (fp32 with fp32; q8_0 / int8 with cubelm int8, output head in 8 bits as theirs ...) when this
+cubelm supports that dtype, and with cubelm fp32 otherwise. The greedy-tokens column says whether the peer
+produced cubelm's tokens.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ def cubelm_env(threads: int) -> dict:
 
 
 def cubelm_decode(hf_dir: Path, dtype: str, a) -> dict:
-    """One round of ``cubelm bench decode`` in a fresh process (the same code users run)."""
+    """One round of ``cubelm bench decode`` in a fresh process (the same code users run). int8 / int4 quantize the
+    output head too, as the 8-bit peers do (llama.cpp's q8_0 GGUF and CTranslate2's int8 hold it in 8 bits)."""
     cmd = [sys.executable, "-m", "cubelm", "bench", "decode", "--model", str(hf_dir), "--dtype", dtype,
            "--rounds", "1", "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-           "--seed", str(a.seed), "--json"]
+           "--seed", str(a.seed), "--json"] + (["--quantize-head"] if dtype in ("int8", "int4") else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **cubelm_env(a.threads)})
     if r.returncode != 0:
         raise PeerError(f"cubelm bench decode --dtype {dtype}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")

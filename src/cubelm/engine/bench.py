@@ -37,6 +37,8 @@ class BenchDecodeOptions:
     kv_cache_dtype: str = opt("auto", choices=("auto", "int8"), help="KV-cache storage: auto (the model's dtype) "
                                                                       "or int8 (a scale per token and head)")
     group_size: int = opt(32, help="int4: inputs per weight scale (32, 64 or 128)")
+    quantize_head: bool = opt(False, help="int8 / int4: quantize the output head too (as llama.cpp's q8_0 and "
+                                          "CTranslate2's int8 do); default: the head stays fp32")
     batch: int = opt(1, help="sequences decoded together (1 = batch-1 decode)")
     prompt_tokens: int = opt(128, help="prompt length in tokens (seeded random ids)")
     new_tokens: int = opt(128, help="tokens generated per sequence")
@@ -64,7 +66,8 @@ def _load(o: BenchDecodeOptions):
     quantization = dtype if dtype in QUANTIZED else None
     dtype = "float32" if quantization else dtype
     if Path(o.model).is_dir():
-        return _quantize(load_model(o.model, device=device, dtype=dtype), quantization, o.group_size)
+        return _quantize(load_model(o.model, device=device, dtype=dtype), quantization, o.group_size,
+                         o.quantize_head)
     from cubelm.model.config import preset
     from cubelm.model.transformer import build_model
     try:
@@ -73,14 +76,14 @@ def _load(o: BenchDecodeOptions):
         raise CubelmError(f"--model {o.model}: neither a directory nor a preset ({e})") from None
     import torch
     model = build_model(cfg, seed=o.seed).to(device=device, dtype=getattr(torch, dtype))
-    return _quantize(model, quantization, o.group_size)
+    return _quantize(model, quantization, o.group_size, o.quantize_head)
 
 
-def _quantize(model, method: str | None, group_size: int):
+def _quantize(model, method: str | None, group_size: int, include_head: bool):
     if method is None:
         return model
     from cubelm.compress.quantized_linear import apply_weight_quantization
-    return apply_weight_quantization(model, method, group_size)
+    return apply_weight_quantization(model, method, group_size, include_head=include_head)
 
 
 def bytes_per_step(model, context: float, batch: int, kv_cache_dtype: str = "auto") -> float:
