@@ -1,20 +1,23 @@
-/* y = x @ W for many rows of x (batched decode, prefill): a register-blocked GEMM over the engine's blocked layout.
+/* y = x @ W for many rows of x (batched decode, prompt chunks): a register-blocked GEMM over the engine's blocked
+ * weight layout.
  *
- * Why a kernel: above a handful of rows the work is compute-bound, and the libraries reach only part of the FMA
- * peak on the shapes of a batched decode step. Measured on base's shapes (2 threads, AVX2 EPYC): MKL's sgemm /
- * bmm over the blocks at 34 rows ~75-95 GFLOP/s and the 32,000-column output head ~45, where this kernel keeps a
- * 6 x 2-vector block of outputs in registers (12 accumulators) and runs at ~130+ (benchmarks/decode_paths.py and
- * docs/benchmarks.md have the same-run figures).
+ * Why a kernel: above a handful of rows the work is compute-bound, and MKL's batched matmul over the weight blocks
+ * (the previous path) reaches only part of the FMA peak on a batched decode step's shapes, then needs a (P, M, Nb)
+ * -> (M, N) copy. Measured on base's shapes (2 threads, AVX2 EPYC, docs/benchmarks.md section (g)): 34 rows,
+ * 100-111 GFLOP/s for MKL vs 99-127 here; the 32,000-column head at 16 rows 68 vs 83.
  *
  * Layouts (fp32, contiguous): x (M, K); W (P, K, Nb): block p holds output columns p*Nb .. (p+1)*Nb as a row-major
  * (K, Nb) matrix (cubelm.engine.decode_layout.BlockedLinear); y (M, P*Nb) row-major.
- * Blocking: a task is one weight block p and a chunk of MC rows; K runs in chunks of KC so that the (KC, Nb) slice
- * of the block stays in L2 while every 6-row panel of the chunk passes over it, and the panel's (6, KC) slice of x
- * stays in L1 across the block's column strips. Sums run over k in order within a chunk, chunks in order: the
- * result equals a dot product per output up to float rounding.
+ * Blocking: a task is one weight block p and a chunk of MC rows; K runs in chunks of KC. Each (KC, Nb) slice of the
+ * block is packed into Nb / NR contiguous (KC, NR) strips in a per-thread buffer (in place, a strip is one cache
+ * line every Nb floats, which lands on a few L1 sets and is evicted before its reuse; packing measured 5-25%
+ * faster than reading in place); each strip then stays in L1 while every 6-row panel of the chunk passes over it.
+ * Sums run over k in order within a chunk, chunks in order: the result equals a dot product per output up to
+ * float rounding.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -23,9 +26,7 @@
 #endif
 #define NR (2 * VL) /* columns per micro-tile: two vectors */
 #define MR 6        /* rows per micro-tile: 6 x 2 accumulators + 2 weight vectors + 1 broadcast <= 16 registers */
-#ifndef KC
 #define KC 256
-#endif
 #define MC 96
 
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -117,9 +118,7 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
              * instead of one cache line every Nb floats (which maps the strip onto a few L1 sets) */
             for (int64_t k = 0; k < kc; k++) {
                 const float *src = w + (k0 + k) * Nb;
-                for (int64_t j = 0; j < strips; j++)
-                    *(vfu *)(pk + (j * kc + k) * NR) = *(const vfu *)(src + j * NR),
-                    *(vfu *)(pk + (j * kc + k) * NR + VL) = *(const vfu *)(src + j * NR + VL);
+                for (int64_t j = 0; j < strips; j++) memcpy(pk + (j * kc + k) * NR, src + j * NR, sizeof(float) * NR);
             }
             for (int64_t j = 0; j < strips; j++)
                 for (int64_t m = m0; m < m1; m += MR) {
