@@ -244,3 +244,65 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("cubelm: error: ") and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+# ---- recovery: the trainer runs on the pruned model and the mask holds --------------------------------------------
+@pytest.fixture(scope="module")
+def packed_data(model_dir, tmp_path_factory):
+    import sysconfig
+    from pathlib import Path
+
+    from cubelm.data.clean import CleanConfig
+    from cubelm.data.prepare import PrepareConfig, prepare
+    from cubelm.data.sources import resolve_source
+    from cubelm.data.tokenizer import TokenizerConfig
+    root = tmp_path_factory.mktemp("packed")
+    corpus = resolve_source(str(Path(sysconfig.get_paths()["stdlib"]) / "json"))
+    prepare(corpus, root, PrepareConfig(clean=CleanConfig(), tokenizer=TokenizerConfig(), tokenizer_dir=str(model_dir),
+                                        val_fraction=0.2), log=lambda *a: None)
+    return root
+
+
+@pytest.mark.parametrize("keep_mask", [True, False])
+def test_recovery_trains_the_survivors_and_keeps_the_zeros(model_dir, packed_data, keep_mask):
+    from cubelm.compress.recover import Recovery
+    model = load_model(model_dir)
+    masks = magnitude_masks(model, 0.5, "global")
+    apply_masks(model, masks)
+    pruned = copy.deepcopy(model)
+    recovery = Recovery(model_dir, str(packed_data), steps=2, lr=1e-3, seq_len=32, micro_batch_size=2,
+                        eval_batches=2)
+    recovered = recovery.run(model, masks if keep_mask else None)
+    before, after = dict(pruned.named_modules()), dict(recovered.named_modules())
+    for name, keep in masks.items():
+        w = after[name].weight
+        assert not torch.equal(w[keep], before[name].weight[keep]), name  # survivors trained
+        if keep_mask:
+            assert (w[~keep] == 0).all(), name
+    if not keep_mask:  # the reference: without the mask, training brings pruned weights back
+        assert sparsity_report(recovered)["total"] < 0.1
+    assert {"val_loss_pruned", "val_loss_recovered"} <= recovery.last.keys()
+
+
+def test_iterative_cli_prunes_in_rounds_and_recovers_each(model_dir, packed_data, tmp_path):
+    out = tmp_path / "iter"
+    assert main(["compress", "prune", "--model", str(model_dir), "--out", str(out), "--method", "magnitude",
+                 "--sparsity", "0.5", "--scope", "global", "--iterations", "2", "--recover-steps", "2",
+                 "--data", str(packed_data), "--seq-len", "32", "--micro-batch-size", "2"]) == 0
+    summary = json.loads((out / "pruning.json").read_text())
+    assert [r["projection_sparsity"] for r in summary["rounds"]] == pytest.approx([0.25, 0.5], abs=1e-6)
+    assert sparsity_report(load_model(out))["total"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_structured_recovery_on_instruct_rows(model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": f" {2 * i + 1}"}) + "\n"
+                            for i in range(40)))
+    out = tmp_path / "neurons"
+    assert main(["compress", "prune", "--model", str(model_dir), "--out", str(out), "--method", "neurons",
+                 "--sparsity", "0.5", "--recover-steps", "2", "--data", str(rows), "--micro-batch-size", "4"]) == 0
+    round_ = json.loads((out / "pruning.json").read_text())["rounds"][0]
+    assert round_["recover_steps"] == 2 and load_model(out).config.intermediate_size == 344
+    r = cubelm("compress", "prune", "--model", model_dir, "--out", tmp_path / "x", "--method", "neurons",
+               "--recover-steps", "2")
+    assert_clean_error(r, "--data")
