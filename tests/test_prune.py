@@ -164,6 +164,8 @@ def test_neuron_pruning_equals_the_masked_original(shape):
 
 def test_structured_counts_are_checked():
     model = _model("gqa")
+    # 0.5 of 3 heads per group lies between 1 and 2 units: halves round down, never more than asked
+    assert len(plan_heads(model, 0.5).query[0]) == 4 and len(plan_heads(model, 0.67).query[0]) == 2
     with pytest.raises(CubelmError, match="each layer has 6"):
         plan_heads(model, count=7)
     with pytest.raises(CubelmError, match="multiple of 2"):

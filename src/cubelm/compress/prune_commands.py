@@ -126,6 +126,7 @@ def prune_round(model, spec: PruneSpec, round_index: int, masks: dict | None, or
     """Round ``round_index`` (1-based) of ``spec``: returns (model, masks). Unstructured rounds prune in place to
     ``sparsity·i/K``; structured ones return a smaller model with ``count·i/K`` (whole units) removed in all."""
     from cubelm.compress import prune, structured
+    from cubelm.compress.structured import round_half_down
     fraction = round_index / spec.iterations
     if spec.method == "magnitude":
         masks = prune.magnitude_masks(model, spec.sparsity * fraction, spec.scope, previous=masks)
@@ -137,12 +138,12 @@ def prune_round(model, spec: PruneSpec, round_index: int, masks: dict | None, or
     if spec.method == "heads":
         H0, KV0 = original_config.num_attention_heads, original_config.num_key_value_heads
         step = KV0 if spec.head_unit == "query" else H0 // KV0
-        target = round(spec.count // step * fraction) * step  # heads removed from the original by this round
+        target = round_half_down(spec.count // step * fraction) * step  # heads removed from the original by this round
         count = target - (H0 - model.config.num_attention_heads)
         if count > 0:
             model = structured.prune_heads(model, structured.plan_heads(model, count=count, unit=spec.head_unit))
     else:
-        target = round(spec.count * fraction)
+        target = round_half_down(spec.count * fraction)
         count = target - (original_config.intermediate_size - model.config.intermediate_size)
         if count > 0:
             model = structured.prune_neurons(model, structured.plan_neurons(model, count=count))
@@ -193,15 +194,25 @@ def run_prune(o: PruneOptions) -> int:
             model = recovery.run(model, masks, i)
             record |= recovery.last
         rounds.append(record)
-        print(f"[cubelm] round {i}/{spec.iterations}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
-                                                                    else f"{k} {v}" for k, v in record.items()))
+        if recovery is not None:
+            print(f"[cubelm] round {i}/{spec.iterations}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float)
+                                                                        else f"{k} {v}" for k, v in record.items()))
     report = sparsity_report(model)
     summary = {"source": str(src.resolve()), "spec": asdict(spec), "recover_steps": o.recover_steps,
                "data": recovery.data if recovery else None, "rounds": rounds,
                "params_before": original.num_params(), "params_after": model.config.num_params(),
                "projection_sparsity": report["total"], "per_layer_sparsity": report["per_layer"]}
     save_pruned(model.cpu(), src, out, summary)
-    print(f"[cubelm] {src} -> {out}: {o.method}, parameters {original.num_params():,} -> "
-          f"{model.config.num_params():,}, zeros in the decoder projections {report['total']:.2%}, "
-          f"weights on disk {_disk_bytes(src) / 2**20:.2f} -> {_disk_bytes(out) / 2**20:.2f} MiB")
+    print(f"[cubelm] {src} -> {out}: {o.method}, {_what_changed(original, model.config, report['total'])}, "
+          f"parameters {original.num_params():,} -> {model.config.num_params():,}, weights on disk "
+          f"{_disk_bytes(src) / 2**20:.2f} -> {_disk_bytes(out) / 2**20:.2f} MiB")
     return 0
+
+
+def _what_changed(before, after, zeros: float) -> str:
+    if after.num_attention_heads != before.num_attention_heads:
+        return (f"attention heads per layer {before.num_attention_heads} -> {after.num_attention_heads} "
+                f"(KV heads {before.num_key_value_heads} -> {after.num_key_value_heads})")
+    if after.intermediate_size != before.intermediate_size:
+        return f"MLP neurons per layer {before.intermediate_size} -> {after.intermediate_size}"
+    return f"zeros in the decoder projections {zeros:.2%} (embedding and output head dense)"

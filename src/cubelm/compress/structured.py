@@ -20,7 +20,7 @@ GQA stays consistent by construction. ``unit="query"`` (the default when a KV he
 drops the same number of query heads from every KV group and keeps every KV head: the KV cache keeps its size,
 the attention compute and the q/o weights shrink. ``unit="group"`` (forced for MHA, where each head is its own
 group) drops whole KV groups with all their query heads: the KV cache shrinks too. ``sparsity`` is the share of
-query heads removed, rounded to whole units.
+query heads removed, rounded to the nearest whole unit (halves down).
 
 ``mask_heads`` / ``mask_neurons`` are the dense reference: the same model with those heads / neurons zeroed in
 place. A pruned model computes the same logits as its masked original (a test checks it to 1e-5).
@@ -28,6 +28,7 @@ place. A pruned model computes the same logits as its masked original (a test ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,12 @@ def neuron_importance(mlp: nn.Module) -> torch.Tensor:
     return score.sqrt().cpu()
 
 
+def round_half_down(x: float) -> int:
+    """Nearest integer, halves down: a share that falls between two whole units never removes more than asked
+    (Python's round(1.5) is 2, which would take 2 of 3 heads for --sparsity 0.5)."""
+    return math.ceil(x - 0.5)
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ascending (the kept units stay in their original order)."""
     return scores.topk(k).indices.sort().values
@@ -102,7 +109,7 @@ def heads_to_remove(num_heads: int, num_kv_heads: int, unit: str, sparsity: floa
     group = num_heads // num_kv_heads
     step = num_kv_heads if unit == "query" else group  # query heads per removable unit, over the layer
     if count is None:
-        count = round(sparsity * num_heads / step) * step
+        count = round_half_down(sparsity * num_heads / step) * step
     if count < 0 or count >= num_heads:
         raise CubelmError(f"cannot remove {count} attention heads per layer: each layer has {num_heads} "
                           f"(at least one must stay)")
@@ -139,7 +146,7 @@ def plan_heads(model: CausalLM, sparsity: float | None = None, *, count: int | N
 def neurons_to_remove(size: int, sparsity: float | None = None, count: int | None = None) -> int:
     """MLP neurons removed per layer: ``count``, or ``sparsity`` x ``size`` rounded; checked against ``size``."""
     if count is None:
-        count = round(sparsity * size)
+        count = round_half_down(sparsity * size)
     if count < 0 or count >= size:
         raise CubelmError(f"cannot remove {count} MLP neurons per layer: each layer has {size} "
                           f"(at least one must stay)")
