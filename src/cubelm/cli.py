@@ -65,6 +65,8 @@ VERBS: list[Verb] = [
          "cubelm.serve.commands:ServeOptions:run_serve"),
     Verb("quantize", "Write an int8 / int4 weight-quantized copy of a model directory that LLM and serve load.",
          "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
+    Verb("compress prune", "Prune a model: magnitude or 2:4 zeros, or remove attention heads / MLP neurons.",
+         "cubelm.compress.prune_commands:PruneOptions:run_prune"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -81,6 +83,7 @@ _GROUPS = {
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "compress": "Model compression: pruning (and the other methods of issue 13) writing an HF model directory.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 
