@@ -78,7 +78,8 @@ def choose_rank(s: torch.Tensor, out_features: int, in_features: int, *, energy:
     if energy >= 1:
         return full
     cumulative = torch.cumsum(s.double() ** 2, 0)
-    return min(full, int(torch.searchsorted(cumulative, energy * cumulative[-1]).item()) + 1)
+    target = energy * cumulative[-1] * (1 - 1e-9)  # "reaches E" up to the rounding of the squares
+    return min(full, int(torch.searchsorted(cumulative, target).item()) + 1)
 
 
 def factorize(linear: nn.Linear, rank: int, svd=None) -> LowRankLinear:
