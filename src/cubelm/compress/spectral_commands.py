@@ -40,6 +40,8 @@ def table(spectra) -> str:
     if alphas:
         lines.append(f"mean alpha {sum(alphas) / len(alphas):.2f} over {len(alphas)} projections; {flagged} outside "
                      f"[{ALPHA_RANGE[0]:g}, {ALPHA_RANGE[1]:g}]")
+    else:
+        lines.append("no projection has enough nonzero eigenvalues for a power-law fit")
     return "\n".join(lines)
 
 
