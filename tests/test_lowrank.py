@@ -70,7 +70,8 @@ def test_truncation_error_is_the_dropped_singular_values():
 
 
 def test_rank_rules():
-    s = torch.tensor([2.0, 3 ** 0.5, 2 ** 0.5, 1.0], dtype=torch.float64)  # s² = 4, 3, 2, 1: cumulative energy 0.4, 0.7, 0.9, 1.0
+    # s² = 4, 3, 2, 1: cumulative energy 0.4, 0.7, 0.9, 1.0
+    s = torch.tensor([2.0, 3 ** 0.5, 2 ** 0.5, 1.0], dtype=torch.float64)
     assert [choose_rank(s, 4, 9, energy=e) for e in (0.3, 0.4, 0.7, 0.71, 0.9, 0.95, 1.0)] == [1, 1, 2, 3, 3, 4, 4]
     assert choose_rank(s, 4, 9, rank=3) == 3
     assert choose_rank(s, 100, 300, size_ratio=0.5) == 0.5 * 100 * 300 // 400
