@@ -122,3 +122,10 @@ def test_cli_bad_input_is_one_line(model_dir, tmp_path):
                               "--init", "first", "--groups", "2"), "not both")
     assert_clean_error(cubelm("compress", "share", "--model", model_dir, "--out", out, "--tie-embeddings"),
                        "already ties its embeddings")  # the tiny preset ties them
+
+
+def test_quantize_refuses_a_shared_model(tmp_path):
+    from cubelm.compress.quantized_io import save_quantized
+    save_model(apply_sharing(build_model(CFG, seed=3), [0, 0, 1, 1, 1]), tmp_path / "s")
+    with pytest.raises(CubelmError, match="low-rank or shared layers"):
+        save_quantized(tmp_path / "s", tmp_path / "q", "int8")
