@@ -129,3 +129,21 @@ def test_quantize_refuses_a_shared_model(tmp_path):
     save_model(apply_sharing(build_model(CFG, seed=3), [0, 0, 1, 1, 1]), tmp_path / "s")
     with pytest.raises(CubelmError, match="low-rank or shared layers"):
         save_quantized(tmp_path / "s", tmp_path / "q", "int8")
+
+
+def test_training_checkpoint_of_a_shared_model_round_trips(tmp_path):
+    """Fine-tuning a shared directory trains the shared modules (each gets the gradients of every layer running
+    it); its checkpoints store a set once and load back into the shared modules."""
+    from cubelm.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    model = apply_sharing(build_model(CFG, seed=4), [0, 0, 1, 1, 1])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(ids).logsumexp(-1).mean().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad is model.model.layers[1].mlp.up_proj.weight.grad
+    opt.step()
+    path = save_checkpoint(tmp_path / "ckpt", model, opt, TrainerState(step=1, samples=2), {})
+    fresh = apply_sharing(build_model(CFG, seed=5), [0, 0, 1, 1, 1])
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    load_checkpoint(path, fresh, fresh_opt)
+    assert fresh.model.layers[4].mlp is fresh.model.layers[2].mlp
+    torch.testing.assert_close(_logits(fresh), _logits(model), atol=0, rtol=0)

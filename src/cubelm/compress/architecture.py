@@ -151,6 +151,20 @@ def stored_keys(keys, ext: dict) -> list[str]:
     return [k for k in keys if not k.startswith(dropped)] if dropped else list(keys)
 
 
+def expand_shared_keys(state: dict, ext: dict) -> dict:
+    """The inverse of ``stored_keys`` for a strict ``load_state_dict``: every layer of a shared set gets its set's
+    tensors under its own names (the same tensors: loading copies them into the one shared module)."""
+    groups = ext.get(SHARED_KEY)
+    if not groups:
+        return state
+    out = dict(state)
+    for i, src in enumerate(first_layers(groups)):
+        if src != i:
+            prefix = f"model.layers.{src}."
+            out.update({f"model.layers.{i}.{k[len(prefix):]}": v for k, v in state.items() if k.startswith(prefix)})
+    return out
+
+
 # ---- writing a compressed copy of a model directory ----------------------------------------------------------
 def save_compressed(model: nn.Module, src_dir: str | Path, out_dir: str | Path) -> Path:
     """``save_model`` (config.json with the extensions, model.safetensors), then every other file of the source
