@@ -52,9 +52,8 @@ def test_gaussian_matrices_have_no_heavy_tail():
 def test_planted_power_law_spectrum_gives_back_its_exponent(alpha):
     n, g = 400, torch.Generator().manual_seed(1)
     lam = (1 - torch.rand(n, generator=g, dtype=torch.float64)) ** (-1 / (alpha - 1))  # Pareto(α - 1), xmin 1
-    u, _ = torch.linalg.qr(torch.randn(2 * n, n, generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    w = u @ torch.diag((lam * 2 * n).sqrt()) @ v.T  # eigenvalues of WᵀW / (2n) are lam
+    u, _ = torch.linalg.qr(torch.randn(2 * n, n, generator=g, dtype=torch.float64))  # orthonormal columns
+    w = u * (lam * 2 * n).sqrt()  # W = U diag(s): the eigenvalues of WᵀW / (2n) are lam
     torch.testing.assert_close(eigenvalues(w), lam.sort().values, rtol=1e-9, atol=0)
     spec = analyze_weight("w", w)
     assert abs(spec.fit.alpha - alpha) < 0.3, spec.fit
@@ -78,9 +77,8 @@ def test_fit_matches_a_direct_clauset_shalizi_newman_computation():
     assert math.isnan(fit_power_law(x[:5]).alpha)  # too few eigenvalues: no fit
 
 
-def test_cli_analyze_table_json_png(tmp_path):
-    from helpers import cubelm
-
+def test_cli_analyze_table_json_png(tmp_path, capsys):
+    from cubelm.cli import main
     from cubelm.compress.lowrank import apply_low_rank
     from cubelm.model.config import ModelConfig
     from cubelm.model.hf_io import save_model
@@ -90,12 +88,14 @@ def test_cli_analyze_table_json_png(tmp_path):
     model = build_model(cfg, seed=0)
     apply_low_rank(model, rank=40, targets=("gate_proj", "up_proj", "down_proj"))  # analyzed through B @ A
     save_model(model, tmp_path / "m")
-    r = cubelm("analyze", "--model", tmp_path / "m", "--json", "--out", tmp_path / "esd.png")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)["projections"]
+    assert main(["analyze", "--model", str(tmp_path / "m"), "--json", "--out", str(tmp_path / "esd.png")]) == 0
+    report = json.loads(capsys.readouterr().out)["projections"]
     assert len(report) == 14 and {p["kind"] for p in report} >= {"q_proj", "down_proj"}
     gate = next(p for p in report if p["name"] == "model.layers.1.mlp.gate_proj")
     assert gate["shape"] == [160, 64] and gate["num_eigenvalues"] == 64 and gate["num_tail"] <= 40
     assert (tmp_path / "esd.png").stat().st_size > 10_000
-    r = cubelm("analyze", "--model", tmp_path / "m")
-    assert r.returncode == 0 and "mean alpha" in r.stdout and "model.layers.0.self_attn.q_proj" in r.stdout
+    assert main(["analyze", "--model", str(tmp_path / "m")]) == 0
+    table = capsys.readouterr().out
+    assert "mean alpha" in table and "model.layers.0.self_attn.q_proj" in table
+    assert main(["analyze", "--model", str(tmp_path / "missing")]) == 2  # a one-line error (cli.main prints it)
+    assert capsys.readouterr().err.startswith("cubelm: error: model directory")

@@ -29,6 +29,7 @@ from torch import nn
 
 from cubelm.cli import opt
 from cubelm.compress.architecture import LowRankLinear, shared_groups, tie_shared_layers
+from cubelm.compress.spectral import small_matrix_threads
 from cubelm.errors import CubelmError
 from cubelm.model.seam import PROJECTIONS, find_linears, replace_module
 
@@ -110,7 +111,8 @@ def apply_low_rank(model: nn.Module, *, energy: float | None = None, rank: int |
             raise CubelmError(f"{name} is a {type(linear).__name__}, not a dense projection; factorize the float "
                               f"model it came from")
         w = linear.weight.detach()
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        with small_matrix_threads(w):  # one thread for small SVDs (busy cores make OpenMP threads wait)
+            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         r = choose_rank(s, *w.shape, energy=energy, rank=rank, size_ratio=size_ratio, name=name)
         energy_kept = float((s[:r] ** 2).sum() / (s ** 2).sum()) if s.abs().sum() > 0 else 1.0
         smaller = r * (linear.in_features + linear.out_features) < linear.in_features * linear.out_features
