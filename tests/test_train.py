@@ -68,6 +68,18 @@ def test_loss_decreases_and_exports(uninterrupted):
     assert (uninterrupted / "model" / "tokenizer.json").is_file()
 
 
+def test_checkpoints_log_the_spectral_alpha(uninterrupted):
+    from cubelm.compress.spectral import alpha_summary
+    from cubelm.model.hf_io import load_model
+    records = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    spectral = [r for r in records if r["kind"] == "spectral"]
+    assert [r["step"] for r in spectral] == [4, 8]  # one per checkpoint
+    assert all(len(r["alpha_per_layer"]) == 4 and r["seconds"] >= 0 for r in spectral)
+    final = alpha_summary(load_model(uninterrupted / "model"))  # the exported weights are the step-8 weights
+    assert spectral[-1]["alpha_mean"] == pytest.approx(final["alpha_mean"], rel=1e-6)
+    assert spectral[-1]["alpha_per_layer"] == pytest.approx(final["alpha_per_layer"], rel=1e-6)
+
+
 def test_resume_is_bit_exact(data_dir, uninterrupted, tmp_path):
     Trainer(TrainConfig(**SMALL, stop_after=3), data_dir, tmp_path, log=lambda m: None).run(progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000003"]

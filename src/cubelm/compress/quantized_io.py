@@ -68,6 +68,9 @@ def save_quantized(src_dir: str | Path, out_dir: str | Path, method: str, group_
     if read_quantization_config(src_dir) is not None:
         raise CubelmError(f"{src_dir} is already quantized; quantize its float source instead")
     model = load_model(src_dir, dtype=None)  # the checkpoint's own dtype for the float tensors kept as they are
+    if json.loads((src_dir / "config.json").read_text()).keys() & {"cubelm_low_rank", "cubelm_shared_layers"}:
+        raise CubelmError(f"{src_dir} has low-rank or shared layers (cubelm_low_rank / cubelm_shared_layers), "
+                          f"which the quantized format does not store; quantize a dense model")
     check_hidden_size(method, group_size, model.config.hidden_size)
     state = {k: v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -106,13 +106,18 @@ class FusedSlice(nn.Module):
         return self.fused.output(x, self.index)
 
 
-def _fuse(parent: nn.Module, names: list[str], block: int | None) -> None:
+def _fuse(parent: nn.Module, names: list[str], block: int | None, done: dict) -> None:
+    """``done`` maps the ids of linears already fused to their ``_Fused``: layers that share projections
+    (``cubelm compress share``) share one fused copy. Factorized projections (``LowRankLinear``) are not
+    ``nn.Linear``: they stay unfused, and their two factors become ``BlockedLinear`` below."""
     linears = [getattr(parent, n) for n in names]
     if not all(isinstance(lin, nn.Linear) for lin in linears) or len({lin.bias is None for lin in linears}) != 1:
         return
-    fused = _Fused(linears, block)
+    key = tuple(id(lin) for lin in linears)
+    if key not in done:
+        done[key] = (_Fused(linears, block), linears)  # the linears kept alive so their ids stay unique
     for i, n in enumerate(names):
-        setattr(parent, n, FusedSlice(fused, i))
+        setattr(parent, n, FusedSlice(done[key][0], i))
 
 
 def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module:
@@ -126,14 +131,20 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "cpu":
         return model
+    fused: dict = {}
     for layer in getattr(getattr(model, "model", None), "layers", []):
-        _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], block)
-        _fuse(layer.mlp, ["gate_proj", "up_proj"], block)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"], block, fused)
+        _fuse(layer.mlp, ["gate_proj", "up_proj"], block, fused)
+    # every path to a module (remove_duplicate=False): a projection shared by several layers gets one
+    # BlockedLinear, put everywhere the linear was
+    targets = [(name, mod) for name, mod in model.named_modules(remove_duplicate=False) if isinstance(mod, nn.Linear)]
+    blocked: dict[int, BlockedLinear] = {}
     for name, linear in targets:
         width = block if block and linear.out_features % block == 0 else None
         if width is None and name == "lm_head" and linear.out_features % 64 == 0:
             width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
-        replace_module(model, name, BlockedLinear(linear, width))
+        if id(linear) not in blocked:
+            blocked[id(linear)] = BlockedLinear(linear, width)
+        replace_module(model, name, blocked[id(linear)])
     from cubelm.engine.fused_decode import apply_fused_layers  # imports this module: imported late
     return apply_fused_layers(model)

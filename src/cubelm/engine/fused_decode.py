@@ -107,7 +107,8 @@ def apply_fused_layers(model: nn.Module) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if type(mod) is DecoderLayer:
             replace_module(model, name, FusedDecoderLayer(mod))
-    for name, mod in list(model.named_modules()):
+    native: dict[int, NativeRMSNorm] = {}  # a norm shared by several layers (compress share) stays one module
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
         if type(mod) is RMSNorm:
-            replace_module(model, name, NativeRMSNorm(mod))
+            replace_module(model, name, native.setdefault(id(mod), NativeRMSNorm(mod)))
     return model

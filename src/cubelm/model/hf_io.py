@@ -3,7 +3,9 @@
 Reading accepts a single ``model.safetensors`` or a sharded ``model.safetensors.index.json``; it never unpickles
 (``pytorch_model.bin`` is refused with a hint), so loading an untrusted directory cannot run code. Writing
 produces what ``transformers.AutoModelForCausalLM.from_pretrained`` loads; each file is written to a temporary
-name and renamed, so a crash never leaves a half-written file under the real name.
+name and renamed, so a crash never leaves a half-written file under the real name. Models whose module tree was
+changed by compression (low-rank projections, shared decoder layers) are saved and loaded through cubelm's
+``config.json`` extensions (``cubelm.compress.architecture``).
 """
 
 from __future__ import annotations
@@ -118,13 +120,16 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
     from cubelm.compress.quantized_io import load_quantized_model, read_quantization_config
     if (qc := read_quantization_config(model_dir)) is not None:  # `cubelm quantize` output: int8/int4 projections
         return load_quantized_model(model_dir, qc, device=device, dtype=dtype)
+    from cubelm.compress.architecture import apply_extensions, read_extensions, stored_keys
+    ext = read_extensions(model_dir, cfg.num_hidden_layers)  # low-rank projections, shared layers (cubelm's)
     dtype = resolve_dtype(dtype, device)
     state = load_state_dict(model_dir)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = CausalLM(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        model = apply_extensions(CausalLM(cfg), ext)
+    full = model.state_dict()
+    expected = {k: full[k] for k in stored_keys(full, ext) if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -195,11 +200,14 @@ def save_model(model: CausalLM, model_dir: str | Path, *, dtype: torch.dtype | N
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.config
-    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    from cubelm.compress.architecture import describe_extensions, stored_keys
+    ext = describe_extensions(model)  # low-rank projections, shared layers: cubelm's config.json extensions
+    full = model.state_dict()
+    state = {k: full[k].detach().to("cpu", dtype=dtype or full[k].dtype).contiguous() for k in stored_keys(full, ext)}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; HF re-ties on load
     saved_dtype = next(iter(state.values())).dtype
-    cfg_dict = cfg.to_hf_dict() | {"torch_dtype": str(saved_dtype).removeprefix("torch.")}
+    cfg_dict = cfg.to_hf_dict() | {"torch_dtype": str(saved_dtype).removeprefix("torch.")} | ext
     shards = _split_shards(state, max_shard_bytes)
     for stale in [model_dir / INDEX_NAME, model_dir / WEIGHTS_NAME, *model_dir.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)

@@ -166,6 +166,8 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[TrainerState, dict]:
         rng = torch.load(path / "rng.pt", weights_only=True)
     if model.config.tie_word_embeddings:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+    from cubelm.compress.architecture import describe_extensions, expand_shared_keys
+    model_state = expand_shared_keys(model_state, describe_extensions(model))  # shared layers: stored once
     try:
         model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(opt_state)

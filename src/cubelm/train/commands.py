@@ -41,6 +41,8 @@ class TrainOptions:
     seed: int | None = opt(None, help="seed for initialization and data order")
     device: str | None = opt(None, help="torch device: cpu, cuda, ...")
     stop_after: int | None = opt(None, help="stop this invocation after N steps (resume later with --resume)")
+    checkpoint_alpha: bool | None = opt(None, help="log each projection's power-law alpha (weightwatcher's "
+                                                   "spectral fit) to metrics.jsonl at every checkpoint (default: on)")
     resume: bool = opt(False, help="continue exactly from the latest checkpoint in --out")
     progress: bool = opt(True, help="show a progress bar")
     nproc: int = opt(1, help="launch this many local ranks under torchrun (one machine; for several, run torchrun "

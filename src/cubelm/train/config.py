@@ -33,6 +33,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "cpu"
     stop_after: int | None = None  # stop this invocation after so many steps (the schedule still uses max_steps)
+    checkpoint_alpha: bool = True  # at each checkpoint, log the projections' power-law alpha (compress.spectral)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "eval_batches", "keep_last"):
