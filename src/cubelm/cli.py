@@ -65,6 +65,10 @@ VERBS: list[Verb] = [
          "cubelm.serve.commands:ServeOptions:run_serve"),
     Verb("quantize", "Write an int8 / int4 weight-quantized copy of a model directory that LLM and serve load.",
          "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
+    Verb("compress smoothquant", "Calibrate, show the outlier channels, fold SmoothQuant's scales: a float HF model.",
+         "cubelm.compress.w8a8_commands:SmoothQuantOptions:run_smoothquant"),
+    Verb("compress w8a8", "Held-out bits per byte through W8A8 (plain, LLM.int8 outliers, SmoothQuant) vs fp32.",
+         "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -81,6 +85,7 @@ _GROUPS = {
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "compress": "Compression methods that change the model (SmoothQuant / W8A8, Deep Compression, ...).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 
