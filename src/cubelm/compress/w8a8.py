@@ -14,10 +14,12 @@ Why it is hard (§10.8.1): a token's scale follows its largest entry, and traine
 every token, and the ordinary channels are rounded onto a few codes. Two fixes:
 
 - **LLM.int8()** (Dettmers et al. 2022), ``outlier_threshold``: the columns ``k`` where some token has
-  ``|x[t, k]| > threshold`` (6.0 in the paper) are taken out; that slice of the matmul runs in fp32 against the
-  dequantized int8 weight columns (as bitsandbytes does: the weight is stored once, in int8), the rest in
-  int8 x int8 with per-token scales computed without the outliers. The columns are found per call (dynamic), so
-  the layer never needs calibration; ``outlier_stats`` records how many columns went to float.
+  ``|x[t, k]| > threshold`` (6.0 in the paper) are taken out; that slice of the matmul runs in float on both sides
+  (the paper's ``X_f16 W_f16`` over the outlier dimensions; fp32 here), the rest in int8 x int8 with per-token
+  scales computed without the outliers. The columns are found per call (dynamic), so the layer never needs
+  calibration, but it keeps the float weight next to the int8 one (any column may turn out to be an outlier;
+  bitsandbytes' inference mode instead dequantizes the int8 columns, which loses the weight side's precision
+  where a column's weights are small next to the rest of their row). ``outlier_stats`` counts the float columns.
 - **SmoothQuant** (Xiao et al. 2023): ``cubelm.compress.smoothquant`` divides the outlier channels by a scale
   folded into the previous layer and multiplies the weight columns by it, then this plain W8A8 applies.
 
@@ -104,6 +106,9 @@ class W8A8Linear(nn.Module):
         self.register_buffer("qweight_t", codes.t().contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        # LLM.int8 only: the float weight, (N, K), read for the outlier columns
+        self.register_buffer("weight", None if outlier_threshold is None else
+                             weight.detach().to(torch.float32).clone())
         self.outlier_threshold = outlier_threshold
         self.outlier_stats = {"calls": 0, "float_columns": 0}  # LLM.int8: columns sent to fp32, summed over calls
 
@@ -119,9 +124,7 @@ class W8A8Linear(nn.Module):
             cols = (x2.abs() > self.outlier_threshold).any(dim=0)  # (K,) bool: this call's outlier columns
             if bool(cols.any()):
                 self.outlier_stats["float_columns"] += int(cols.sum())
-                # fp32 slice against the dequantized int8 weight columns (bitsandbytes keeps the weight in int8)
-                w_cols = self.qweight_t[cols].to(torch.float32) * self.scales  # (n_out, N)
-                y = x2[:, cols] @ w_cols
+                y = x2[:, cols] @ self.weight[:, cols].t()  # (M, n_out) @ (n_out, N): the float slice
                 x2 = x2.masked_fill(cols, 0.0)  # the int8 part quantizes without them (their codes are 0)
             self.outlier_stats["calls"] += 1
         codes, sx = quantize_per_token(x2)

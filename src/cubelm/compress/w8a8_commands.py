@@ -29,6 +29,7 @@ from cubelm.errors import CubelmError
 
 NOTE_NAME = "smoothquant.json"
 W8A8_CHOICES = ("plain", "llm.int8", "smoothquant", "all")
+SMOOTH_GROUPS = ("qkv", "o", "gate_up", "down")  # cubelm.compress.smoothquant.GROUPS (kept torch-free here)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -42,17 +43,18 @@ class CalibrationOptions:
     smooth: str = opt("qkv,o,gate_up,down", help="inputs to smooth, comma-separated: qkv and gate_up fold into "
                                                  "the norms, o into v_proj's rows, down into up_proj's rows")
 
-    def check(self) -> None:
-        from cubelm.compress.smoothquant import GROUPS, check_alpha
-        check_alpha(self.alpha)
+    def __post_init__(self) -> None:  # before any heavy import: a bad flag fails at once
+        if not 0 <= self.alpha <= 1:
+            raise CubelmError(f"--alpha must be in [0, 1] (0: all on the activations, 1: all on the weights), "
+                              f"got {self.alpha}")
         if self.calib < 1 or self.calib_len < 2:
             raise CubelmError(f"--calib must be >= 1 sequences and --calib-len >= 2 tokens, got {self.calib} and "
                               f"{self.calib_len}")
         if not self.threshold > 0:
             raise CubelmError(f"--threshold must be a positive magnitude, got {self.threshold}")
-        bad = [g for g in self.groups if g not in GROUPS]
+        bad = [g for g in self.groups if g not in SMOOTH_GROUPS]
         if bad or not self.groups:
-            raise CubelmError(f"--smooth {self.smooth!r}: choose from {', '.join(GROUPS)} (comma-separated)")
+            raise CubelmError(f"--smooth {self.smooth!r}: choose from {', '.join(SMOOTH_GROUPS)} (comma-separated)")
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -133,7 +135,6 @@ def run_smoothquant(o: SmoothQuantOptions) -> int:
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.engine.commands import resolve_model_dir
     from cubelm.model.hf_io import load_model, save_model
-    o.check()
     src, out = resolve_model_dir(o.model), Path(o.out)
     if out.resolve() == src.resolve():
         raise CubelmError(f"--out {out} is the source directory; write the smoothed model elsewhere")
@@ -171,7 +172,6 @@ def evaluate_w8a8(model_dir: Path, o: W8A8Options) -> dict:
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.eval.bpb import held_out_package, held_out_path, model_bpb
     from cubelm.model.hf_io import load_model
-    o.check()
     held = (held_out_package(o.source.removeprefix("package:"), o.max_bytes) if o.source.startswith("package:")
             else held_out_path(o.source, o.max_bytes))
     tokenizer = load_tokenizer(model_dir)
