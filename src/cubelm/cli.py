@@ -69,6 +69,8 @@ VERBS: list[Verb] = [
          "cubelm.compress.w8a8_commands:SmoothQuantOptions:run_smoothquant"),
     Verb("compress w8a8", "Held-out bits per byte through W8A8 (plain, LLM.int8 outliers, SmoothQuant) vs fp32.",
          "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
+    Verb("compress deep", "Deep Compression: prune -> k-means weight sharing -> Huffman; sizes per stage, quality.",
+         "cubelm.compress.deep_commands:DeepOptions:run_deep"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
