@@ -196,6 +196,7 @@ def test_cli_smoothquant_round_trip_and_w8a8_report(model_dir, tmp_path, capsys)
     result = json.loads(r.stdout)
     assert result["smoothed_on_disk"] and "calibration" not in result["smoothquant"]  # not smoothed twice
     assert abs(result["smoothquant"]["bpb"] - result["fp32"]["bpb"]) < 0.05 * result["fp32"]["bpb"]
+    assert 0 <= result["smoothquant"]["kl_nats_per_token"] < 0.05
     r = _cli(capsys, "compress", "smoothquant", "--model", out, "--out", tmp_path / "again")
     assert r.returncode == 2 and "already smoothed" in r.stderr
 

@@ -167,6 +167,8 @@ def evaluate_w8a8(model_dir: Path, o: W8A8Options) -> dict:
     """Held-out bits per byte of the float model and of each requested W8A8 variant, with timings."""
     import copy
 
+    import torch
+
     from cubelm.compress.smoothquant import apply_smoothing, outlier_report
     from cubelm.compress.w8a8 import apply_w8a8, outlier_summary
     from cubelm.data.tokenizer import load_tokenizer
@@ -184,6 +186,9 @@ def evaluate_w8a8(model_dir: Path, o: W8A8Options) -> dict:
         return bpb, time.perf_counter() - t0
 
     fp32, fp32_s = score(base)
+    probe = _probe_tokens(tokenizer, held.texts, o.context)
+    with torch.no_grad():
+        ref_logp = torch.log_softmax(base(probe).float(), dim=-1)
     result = {"model": str(model_dir), "held_out": held.name, "num_bytes": held.num_bytes,
               "fp32": {"bpb": fp32, "seconds": round(fp32_s, 2)}, "smoothed_on_disk": smoothed}
     methods = ("plain", "llm.int8", "smoothquant") if o.method == "all" else (o.method,)
@@ -200,10 +205,25 @@ def evaluate_w8a8(model_dir: Path, o: W8A8Options) -> dict:
         row["bpb"], seconds = score(model)
         row["seconds"] = round(seconds, 2)
         row["delta_pct"] = 100 * (row["bpb"] - fp32) / fp32
+        with torch.no_grad():  # finer than bits per byte: how far the next-token distributions moved
+            logp = torch.log_softmax(model(probe).float(), dim=-1)
+        row["kl_nats_per_token"] = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
         if method == "llm.int8":
             row["float_columns"] = outlier_summary(model)
         result[method] = row
     return result
+
+
+def _probe_tokens(tokenizer, texts: list[str], context: int, windows: int = 16):
+    """Up to ``windows`` full windows of the held-out text (documents after EOS, concatenated), for the KL."""
+    import torch
+    ids: list[int] = []
+    for text in texts:
+        ids += [tokenizer.eos_token_id] + tokenizer.encode(text)
+        if len(ids) >= windows * context:
+            break
+    n = min(windows, len(ids) // context)
+    return torch.tensor(ids[:n * context]).view(n, context) if n else torch.tensor(ids).view(1, -1)
 
 
 def run_w8a8(o: W8A8Options) -> int:
@@ -226,8 +246,8 @@ def run_w8a8(o: W8A8Options) -> int:
         print(format_outliers(sq["outliers_after"], o.threshold))
     print(f"held-out: {result['held_out']}, {result['num_bytes']:,} bytes; int8 matmul: {result['int8_matmul']}; "
           f"{result['host']}")
-    print(f"  {'model':17} {'bits/byte':>9} {'delta':>8} {'eval s':>7}")
-    print(f"  {'fp32':17} {result['fp32']['bpb']:9.4f} {'':>8} {result['fp32']['seconds']:7.1f}")
+    print(f"  {'model':17} {'bits/byte':>9} {'delta':>8} {'KL vs fp32':>11} {'eval s':>7}")
+    print(f"  {'fp32':17} {result['fp32']['bpb']:9.5f} {'':>8} {'':>11} {result['fp32']['seconds']:7.1f}")
     for method in ("plain", "llm.int8", "smoothquant"):
         if method in result:
             r = result[method]
@@ -235,5 +255,8 @@ def run_w8a8(o: W8A8Options) -> int:
             if "float_columns" in r:
                 fc = r["float_columns"]
                 extra = f"  ({fc['mean_float_columns']:.1f} columns per matmul in fp32, {100 * fc['float_share']:.2f}%)"
-            print(f"  {'w8a8 ' + method:17} {r['bpb']:9.4f} {r['delta_pct']:+7.2f}% {r['seconds']:7.1f}{extra}")
+            print(f"  {'w8a8 ' + method:17} {r['bpb']:9.5f} {r['delta_pct']:+7.3f}% {r['kl_nats_per_token']:11.2e} "
+                  f"{r['seconds']:7.1f}{extra}")
+    print("  (KL: mean KL(fp32 || W8A8) of the next-token distributions, nats per token, on the first held-out "
+          "windows; eval s: the whole held-out pass, the W8A8 matmuls emulated in PyTorch)")
     return 0
