@@ -28,8 +28,9 @@ in chunks of at most ``EXACT_FP32_K`` = 1,024 inputs, the chunks' partial sums a
 there: every product is an integer of magnitude at most 127² = 16,129, so every partial sum a BLAS forms, in any
 order and with or without FMA, is an integer of magnitude at most K · 16,129 < 2^24 for K ≤ 1,040, and float32
 represents all integers below 2^24, so no operation rounds. The float path is the default: PyTorch 2.13's
-``_int_mm`` on CPU is a reference loop (measured ~15x slower than the float32 matmul of the same codes on this
-AVX2 host, docs/benchmarks.md); ``use_int_mm=True`` selects it, and a test checks both against an int64 reference.
+``_int_mm`` on CPU is as fast for some shapes and up to 8x slower for others (``benchmarks/w8a8_matmul.py`` on a
+2-core AVX2 host: 256x688x256 both 2.5x the fp32 matmul; 2048x256x688 2.3x vs 18x); ``use_int_mm=True`` selects
+it, and a test checks both against an int64 reference.
 This module is about accuracy: the emulation quantizes the activations in PyTorch on every call and is slower than
 the float model (the speed of int8 arithmetic is the native kernels' business, ``cubelm.engine.kernels.qgemm``).
 """
