@@ -73,6 +73,12 @@ VERBS: list[Verb] = [
          "cubelm.compress.share:ShareOptions:run_share"),
     Verb("analyze", "Spectral analysis of each projection: ESD of WᵀW, power-law alpha (2-6 = well trained), PNG.",
          "cubelm.compress.spectral_commands:AnalyzeOptions:run_analyze"),
+    Verb("compress smoothquant", "Calibrate, show the outlier channels, fold SmoothQuant's scales: a float HF model.",
+         "cubelm.compress.w8a8_commands:SmoothQuantOptions:run_smoothquant"),
+    Verb("compress w8a8", "Held-out bits per byte through W8A8 (plain, LLM.int8 outliers, SmoothQuant) vs fp32.",
+         "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
+    Verb("compress deep", "Deep Compression: prune -> k-means weight sharing -> Huffman; sizes per stage, quality.",
+         "cubelm.compress.deep_commands:DeepOptions:run_deep"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -88,9 +94,8 @@ _GROUPS = {
     "model": "Create a random model from a preset, or show a model's config and size.",
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
-    "compress": "Model compression that writes a smaller model directory LLM and serve load.",
+    "compress": "Model compression: pruning, low rank, layer sharing, SmoothQuant / W8A8, Deep Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
-    "compress": "Model compression: pruning (and the other methods of issue 13) writing an HF model directory.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 
