@@ -86,8 +86,10 @@ def deep_compress_dir(o: DeepOptions) -> dict:
         report["stages"]["pruned"] = {"bpb": _bpb(_with(model, pruned), src, held)}
     _with(model, decoded)
     save_model(model, out)
-    for f in src.iterdir():  # tokenizer, generation config, notes: all but the weights and config
-        if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+    # tokenizer, generation config, training summary: all but the weights, the config and the source's own
+    # measurements (eval.json scores the source, not this model)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "eval.json"):
             shutil.copy2(f, out / f.name)
     if held is not None:
         report["stages"]["huffman"] = {"bpb": _bpb(model, src, held)}

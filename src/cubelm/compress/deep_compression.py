@@ -1,9 +1,11 @@
 """Deep Compression (Han, Mao and Dally, 2016): magnitude pruning -> k-means weight sharing -> Huffman coding,
 each stage written in one documented container format, and the decoder that rebuilds the dense weights.
 
-    stages = deep_compress(model.state_dict(), DeepConfig(sparsity=0.5, bits=5), prune_names)
-    write_container(stages["huffman"], "model.cdc")
+    stages = deep_compress(state, DeepConfig(sparsity=0.5, bits=5), prune_names)   # stage -> tensor records
+    write_container(stages["huffman"], "model.cdc", "huffman", settings={})
     dense = read_container("model.cdc")      # name -> fp32 tensor, zeros where pruned, codebook values elsewhere
+
+``cubelm compress deep`` (``cubelm.compress.deep_commands``) runs it on a model directory.
 
 Per 2-D weight (every projection, the embedding, an untied output head); 1-D tensors (norms) stay fp32:
 

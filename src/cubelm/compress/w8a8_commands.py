@@ -146,8 +146,10 @@ def run_smoothquant(o: SmoothQuantOptions) -> int:
     scales = apply_smoothing(model, stats, o.alpha, o.groups)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
-    for f in src.iterdir():  # tokenizer, generation config, training summary: all but the weights and config
-        if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+    # tokenizer, generation config, training summary: all but the weights, the config and the source's own
+    # measurements (eval.json scores the source, not this model)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.name not in ("config.json", "eval.json"):
             shutil.copy2(f, out / f.name)
     note = {"method": "smoothquant", "alpha": o.alpha, "folded": list(o.groups), "calibration": info,
             "outlier_threshold": o.threshold, "source_model": str(src),
