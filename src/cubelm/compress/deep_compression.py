@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from cubelm.compress import huffman
+from cubelm.compress.prune import keep_largest
 from cubelm.errors import CubelmError
 
 MAGIC = b"CUBELMDC"
@@ -86,16 +87,9 @@ def check_settings(sparsity: float, bits: int, index_bits: int, iterations: int,
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """True = kept: exactly ``round(sparsity · n)`` smallest-|w| entries dropped, ties broken by position.
-
-    TODO(lead): a private stand-in; switch to ``cubelm.compress.prune.keep_largest`` (branch ``prune``, same
-    semantics) when it is merged."""
-    flat = weight.detach().abs().float().flatten()
-    drop = round(sparsity * flat.numel())
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if drop > 0:
-        keep[torch.argsort(flat, stable=True)[:drop]] = False
-    return keep.view_as(weight)
+    """True = kept: exactly ``round(sparsity · n)`` smallest-|w| entries dropped, ties broken by position (the
+    pruning of ``cubelm compress prune --method magnitude``, one matrix at a time)."""
+    return keep_largest(weight.detach().abs().float(), round(sparsity * weight.numel()))
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
