@@ -120,12 +120,7 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
                 const float *src = w + (k0 + k) * Nb;
                 for (int64_t j = 0; j < strips; j++) memcpy(pk + (j * kc + k) * NR, src + j * NR, sizeof(float) * NR);
             }
-            const int64_t next = k0 + KC < K ? (K - k0 - KC < KC ? K - k0 - KC : KC) * Nb : 0;
-            const float *nw = w + (k0 + KC) * Nb;
             for (int64_t j = 0; j < strips; j++) {
-#ifdef BG_PREFETCH
-                for (int64_t i = j * next / strips; i < (j + 1) * next / strips; i += 16) __builtin_prefetch(nw + i, 0, 2);
-#endif
                 for (int64_t m = m0; m < m1; m += MR) {
                     const int64_t rows = m1 - m < MR ? m1 - m : MR;
                     bg_panel(rows, x + m * K + k0, K, pk + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
