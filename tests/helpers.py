@@ -10,6 +10,18 @@ def cubelm(*args, timeout=180) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+
+def cli_in_process(capsys, *args):
+    """``cubelm ARGS`` in this process (the exit code and streams main() produces; no interpreter start-up)."""
+    from types import SimpleNamespace
+
+    from cubelm.cli import main
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def assert_clean_error(r, *needles):
     """Exit code 2 and exactly one line, ``cubelm: error: ...``, that contains every needle; no traceback."""
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

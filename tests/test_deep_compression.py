@@ -3,7 +3,6 @@ relative-position and bit-packing codecs, k-means weight sharing (codebook size,
 files decoding to what each stage means, `cubelm compress deep` round trip through LLM, bad input."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,11 +162,8 @@ def model_dir(tmp_path_factory):
 
 
 def _cli(capsys, *args):
-    from cubelm.cli import main
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    from helpers import cli_in_process
+    return cli_in_process(capsys, *args)
 
 
 def test_cli_deep_round_trip(model_dir, tmp_path, capsys):

@@ -162,14 +162,8 @@ def model_dir(tmp_path_factory):
 
 
 def _cli(capsys, *args):
-    """``cubelm ARGS`` in this process (the exit code and streams main() produces; no interpreter start-up)."""
-    from types import SimpleNamespace
-
-    from cubelm.cli import main
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    from helpers import cli_in_process
+    return cli_in_process(capsys, *args)
 
 
 def test_cli_smoothquant_round_trip_and_w8a8_report(model_dir, tmp_path, capsys):
