@@ -79,6 +79,8 @@ VERBS: list[Verb] = [
          "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
     Verb("compress deep", "Deep Compression: prune -> k-means weight sharing -> Huffman; sizes per stage, quality.",
          "cubelm.compress.deep_commands:DeepOptions:run_deep"),
+    Verb("compress report", "Every compression method on one model: bytes, held-out bits/byte, engine tok/s; PNG.",
+         "cubelm.compress.report_commands:ReportOptions:run_report"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
