@@ -34,7 +34,8 @@ class Row:
     batched: list[float] = field(default_factory=list)  # throughput tok/s per round
 
     def as_dict(self, source_bpb: float | None) -> dict:
-        med = (lambda v: statistics.median(v) if v else None)
+        def med(v):
+            return statistics.median(v) if v else None
         return {"method": self.name, "params": self.params, "bytes": self.bytes, "bpb": self.bpb,
                 "delta_pct": (100 * (self.bpb - source_bpb) / source_bpb
                               if self.bpb is not None and source_bpb else None),
@@ -74,7 +75,8 @@ def _prune(method: str, recover: bool, **kwargs):
                                    data=o.data, seed=o.seed, **kwargs))
         what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in kwargs.items())
         params = (what or "2 of every 4 inputs zero") + (f", recovery {steps} steps" if steps else ", no recovery")
-        return [Row(name=f"prune {method}" + (" + recovery" if steps else ""), params=params, model_dir=out, bytes=weights_bytes(out),
+        return [Row(name=f"prune {method}" + (" + recovery" if steps else ""), params=params, model_dir=out,
+                    bytes=weights_bytes(out),
                     note="zeros stored densely" if method in ("magnitude", "2:4") else "shapes shrink")]
     return build
 

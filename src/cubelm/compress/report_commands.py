@@ -143,9 +143,9 @@ def claims(rows: list[dict]) -> list[str]:
         for r in (r for r in rows if r["method"].startswith(key)):
             sp = ratio(r, "decode_tok_s")
             if sp:
-                out.append(f"{r['method']} ({r['params']}): decode {sp:.2f}× the dense model and the same bytes on disk — on "
-                           f"a CPU without sparse kernels (or sparse tensor cores for 2:4) zeros are multiplied like "
-                           f"any weight; Δ {r['delta_pct']:+.2f}%")
+                out.append(f"{r['method']} ({r['params']}): decode {sp:.2f}× the dense model and the same bytes "
+                           f"on disk — on a CPU without sparse kernels (or sparse tensor cores for 2:4) zeros "
+                           f"are multiplied like any weight; Δ {r['delta_pct']:+.2f}%")
                 break
     for r in rows:
         if r["method"].startswith(("prune neurons", "prune heads")):
@@ -164,7 +164,8 @@ def claims(rows: list[dict]) -> list[str]:
                    + (f", decode {sp:.2f}× (two thinner GEMMs per projection)" if sp else ""))
     if (r := by.get("layer sharing")):
         out.append(f"parameter sharing without retraining ({r['params']}): {base['bytes'] / r['bytes']:.2f}× smaller "
-                   f"but Δ {r['delta_pct']:+.1f}% — ALBERT shares from the start of training; the FLOPs per token are unchanged")
+                   f"but Δ {r['delta_pct']:+.1f}% — ALBERT shares from the start of training; the FLOPs per token "
+                   f"are unchanged")
     return out
 
 
