@@ -161,7 +161,9 @@ def claims(rows: list[dict]) -> list[str]:
     if (r := by.get("low rank (SVD)")):
         sp = ratio(r, "decode_tok_s")
         out.append(f"low rank ({r['params']}): {base['bytes'] / r['bytes']:.2f}× smaller, Δ {r['delta_pct']:+.2f}%"
-                   + (f", decode {sp:.2f}× (two thinner GEMMs per projection)" if sp else ""))
+                   + (f", decode {sp:.2f}×" + (" (two thinner GEMMs per projection)" if sp >= 1 else
+                                              " — factorized projections run the module path: the native decode "
+                                              "step takes dense and int8/int4 projections only") if sp else ""))
     if (r := by.get("layer sharing")):
         out.append(f"parameter sharing without retraining ({r['params']}): {base['bytes'] / r['bytes']:.2f}× smaller "
                    f"but Δ {r['delta_pct']:+.1f}% — ALBERT shares from the start of training; the FLOPs per token "
