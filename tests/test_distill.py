@@ -142,13 +142,19 @@ def test_cli_writes_a_model_dir_that_loads_and_generates(teacher_dir, packed, tm
     out = tmp_path / "student"
     r = cli_in_process(capsys, "compress", "distill", "--teacher", teacher_dir, "--student", "nano", "--data", packed,
                        "--out", out, "--max-steps", "2", "--seq-len", "32", "--micro-batch-size", "2",
-                       "--eval-batches", "1", "--no-progress")
+                       "--eval-batches", "1", "--no-progress", "--baseline", "--held-out",
+                       Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py")
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "distillation.json"):
         assert (out / name).is_file(), name
     assert (out / "tokenizer.json").read_bytes() == (teacher_dir / "tokenizer.json").read_bytes()
     summary = json.loads((out / "distillation.json").read_text())
     assert summary["distilled"]["steps"] == 2 and summary["alpha"] == 0.5 and summary["temperature"] == 2.0
+    # --baseline: the scratch student saw the same tokens; the printed table has the three held-out figures
+    assert summary["scratch"]["tokens"] == summary["distilled"]["tokens"] == 2 * 2 * 32
+    bpb = summary["comparison"]["bpb"]
+    assert set(bpb) == {"teacher", "distilled", "scratch"} and all(v > 0 for v in bpb.values())
+    assert f"| distilled student | {summary['distilled']['params']:,} | {bpb['distilled']:.4f} |" in r.stdout
     model = load_model(out)
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 128
     prompt = [5, 9, 11, 7]
@@ -181,6 +187,12 @@ def test_cli_tokenizer_mismatch_is_one_line_exit_2(teacher_dir, packed, tmp_path
                        "--out", tmp_path / "o", "--max-steps", "1")
     assert_clean_error(r, "another tokenizer", "the data")
     assert not (tmp_path / "o").exists()
+
+
+def test_tokens_set_the_steps():
+    from cubelm.compress.distill_commands import DistillOptions
+    o = DistillOptions(student="nano", out="x", tokens=1000, micro_batch_size=2, seq_len=32)
+    assert o.steps == 16 and o.train_config().max_steps == 16  # ceil(1000 / 64)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -114,8 +114,6 @@ def train_student(kind: str, o: DistillOptions, teacher: Path, data: Path, run_d
     import torch
 
     from cubelm.compress.distill import DistillTrainer, ScratchTrainer
-    from cubelm.model.hf_io import resolve_device
-    resolve_device(o.device)
     common = dict(teacher=teacher, student=o.student, model_out=model_out, temperature=o.temperature,
                   teacher_dtype=torch.bfloat16 if o.dtype == "bfloat16" else torch.float32, resume=o.resume)
     cfg = o.train_config()
@@ -173,6 +171,8 @@ def format_comparison(summary: dict) -> str:
 def run_distill(o: DistillOptions) -> int:
     from cubelm.compress.distill import resolve_data, resolve_teacher
     from cubelm.model.config import read_config_json
+    from cubelm.model.hf_io import resolve_device
+    resolve_device(o.device)  # before any packing or loading
     teacher = resolve_teacher(o.teacher)
     out = Path(o.out)
     if out.resolve() == teacher.resolve():
