@@ -67,6 +67,8 @@ VERBS: list[Verb] = [
          "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
     Verb("compress prune", "Prune a model: magnitude or 2:4 zeros, or remove attention heads / MLP neurons.",
          "cubelm.compress.prune_commands:PruneOptions:run_prune"),
+    Verb("compress distill", "Distil a teacher into a smaller student: α·T²·KL(teacher‖student) + (1−α)·CE.",
+         "cubelm.compress.distill_commands:DistillOptions:run_distill"),
     Verb("compress lowrank", "Factorize the decoder's projections by truncated SVD (rank by energy, rank or size).",
          "cubelm.compress.lowrank:LowrankOptions:run_lowrank"),
     Verb("compress share", "Share weights across consecutive decoder layers (ALBERT-style) and/or tie embeddings.",
@@ -96,7 +98,8 @@ _GROUPS = {
     "model": "Create a random model from a preset, or show a model's config and size.",
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
-    "compress": "Model compression: pruning, low rank, layer sharing, SmoothQuant / W8A8, Deep Compression.",
+    "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
+                "Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
