@@ -218,6 +218,20 @@ def test_s3_push_pull_models(tiny_model, s3, home, capsys):
     assert digest[:12] in cli_in_process(capsys, "models").stdout
 
 
+def test_s3_resumes_a_partial_file_with_a_range_read(tiny_model, s3, home, capsys):
+    assert cli_in_process(capsys, "push", tiny_model, "s3://models/resume").returncode == 0
+    from cubelm.store.manifest import build_manifest
+    partial = home / "models" / f".resume@{build_manifest(tiny_model).digest}.partial"
+    partial.mkdir(parents=True)
+    blob = (tiny_model / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(blob[:2 * MIB + 77])  # what a killed pull left
+    r = cli_in_process(capsys, "pull", "s3://models/resume")
+    assert r.returncode == 0, r.stderr
+    # a wrong offset would fail the sha256 and be fetched again from byte 0, which the pull would say
+    assert "resuming at byte 2,097,229" in r.stderr and "does not verify" not in r.stderr
+    same_files(Path(r.stdout.strip()), tiny_model)
+
+
 def test_s3_corrupt_object_and_missing_credentials(tiny_model, s3, home, capsys, monkeypatch):
     import boto3
     assert cli_in_process(capsys, "push", tiny_model, "s3://models/bad").returncode == 0
@@ -356,6 +370,10 @@ def test_corrupt_partial_prefix_is_fetched_again(http_server, tiny_model, publis
 
 def test_bad_inputs(http_server, published, tiny_model, home, capsys):
     assert_clean_error(cli_in_process(capsys, "pull", "ftp://host/models/tiny"), "unknown URL scheme 'ftp'")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:  # gs:// is optional: without gcsfs, one line that says what to install
+        assert_clean_error(cli_in_process(capsys, "pull", "gs://bucket/models/tiny"), "pip install gcsfs")
     assert_clean_error(cli_in_process(capsys, "pull", f"{http_server.url}/nothing"), "not found (HTTP 404)")
     assert_clean_error(cli_in_process(capsys, "pull", str(published), "--name", "../x"), "is not valid")
     assert_clean_error(cli_in_process(capsys, "push", tiny_model, f"{http_server.url}/x"), "read-only")
@@ -365,15 +383,14 @@ def test_bad_inputs(http_server, published, tiny_model, home, capsys):
     assert_clean_error(cli_in_process(capsys, "pull", str(published), "--name", "local"), "does not manage")
 
 
-def test_serve_pulls_from_s3_then_answers(tiny_model, s3_endpoint, tmp_path, capsys):
+def test_serve_pulls_from_s3_then_answers(tiny_model, s3, tmp_path, capsys):
     """`cubelm serve --model s3://...` pulls into an empty store and serves; greedy text equals the offline API's
     on the original directory."""
     import httpx
     from cubelm import LLM, SamplingParams
-    home = tmp_path / "serve-home"
-    env = s3_env(s3_endpoint, home)
-    r = run_cubelm("push", tiny_model, "s3://models/serve-tiny", env=env)
-    assert r.returncode == 0, r.stderr
+    assert cli_in_process(capsys, "push", tiny_model, "s3://models/serve-tiny").returncode == 0
+    home = tmp_path / "serve-home"  # empty: the server's pull downloads
+    env = s3_env(s3, home)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cubelm", "serve", "--model", "s3://models/serve-tiny",
                              "--port", str(port), "--num-blocks", "64", "--log-level", "warning"],
