@@ -53,7 +53,7 @@ def resolve_model_dir(model: str | None) -> Path:
         path = model_path()
         if not is_complete_model_dir(path):
             raise CubelmError(f"no default model at {path}; build it with 'cubelm build-default' or pass --model DIR")
-        return path
+        return path.resolve() if path.is_symlink() else path  # a pulled default: its immutable @digest directory
     if is_remote(model):
         return pull_model(model)
     path = Path(model)

@@ -11,6 +11,13 @@ A pull (KServe's storage initializer and the HF hub cache do the same, §6.1.2 "
    (a resumed file is fetched once more from scratch: its old prefix may be the bad part);
 4. fsync, then ``rename`` the partial directory to ``models/<name>@<digest>`` (atomic: the directory exists only
    complete and verified), then point the ``models/<name>`` symlink at it (atomic too).
+
+NOTE: the book's "download once, reuse many" leaves out the race: on a shared (RWX) volume two pods starting
+together would both download into the same path and one could load the other's half-written files. The lock plus
+the rename is what makes the pattern safe. (The book also describes object storage as splitting an asset into
+"objects"; in S3/GCS an object is the whole file under one key, uploaded in parts when large; ranged GETs are what
+make resuming possible. Its "fusing" is FUSE-mounting a bucket (mountpoint-s3, gcsfuse): such a mount is a local
+path here, pulled like any directory.) flock works on local disks and on NFSv4 (Linux maps it to byte-range locks).
 """
 
 from __future__ import annotations
