@@ -78,6 +78,9 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.gets.append((rel, start))
             hook = srv.hooks.pop(rel, None)
+        if start and start >= len(data):
+            self.send_error(416)
+            return
         body = data[start:]
         self.send_response(206 if m else 200)
         if m:
@@ -355,6 +358,25 @@ def test_flipped_byte_and_truncated_file_are_rejected(http_server, published, ho
         assert not list((home / "models").glob(f"bad-{damage}@*"))
 
 
+def test_partial_longer_than_the_servers_file(http_server, published, home, capsys):
+    """The server's file is shorter than our partial one (truncated there): a Range past its end is a 416; the pull
+    takes the whole file, finds it short of the manifest's size and rejects it."""
+    from cubelm.store.manifest import parse_manifest
+    bad = published.parent / "short"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(published, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:MIB])
+    digest = parse_manifest((bad / "manifest.json").read_bytes(), "x").digest
+    partial = home / "models" / f".short@{digest}.partial"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(data[:2 * MIB])
+    assert_clean_error(cli_in_process(capsys, "pull", f"{http_server.url}/short"), "model.safetensors",
+                       "size mismatch")
+    assert [s for rel, s in http_server.gets if rel == "short/model.safetensors"] == [2 * MIB, 0]
+    assert not (partial / "model.safetensors").exists()
+
+
 def test_corrupt_partial_prefix_is_fetched_again(http_server, tiny_model, published, home, capsys):
     from cubelm.store.manifest import parse_manifest
     digest = parse_manifest((published / "manifest.json").read_bytes(), "x").digest
@@ -375,6 +397,8 @@ def test_bad_inputs(http_server, published, tiny_model, home, capsys):
     except ImportError:  # gs:// is optional: without gcsfs, one line that says what to install
         assert_clean_error(cli_in_process(capsys, "pull", "gs://bucket/models/tiny"), "pip install gcsfs")
     assert_clean_error(cli_in_process(capsys, "pull", f"{http_server.url}/nothing"), "not found (HTTP 404)")
+    closed = f"http://127.0.0.1:{_free_port()}/tiny"  # nothing listens there
+    assert_clean_error(cli_in_process(capsys, "pull", closed), "cannot read the manifest")
     assert_clean_error(cli_in_process(capsys, "pull", str(published), "--name", "../x"), "is not valid")
     assert_clean_error(cli_in_process(capsys, "push", tiny_model, f"{http_server.url}/x"), "read-only")
     assert_clean_error(cli_in_process(capsys, "push", home / "nope", "/tmp/x"), "is not a directory")

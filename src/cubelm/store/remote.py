@@ -127,6 +127,8 @@ class HttpLocation(Location):
         try:
             return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT)
         except urllib.error.HTTPError as e:
+            if e.code == 416 and offset:  # our partial file is not a prefix of theirs: take the whole file
+                return self._request(path, 0)
             if e.code in (401, 403):
                 raise CubelmError(f"{url}: access denied (HTTP {e.code}); set $CUBELM_HTTP_TOKEN") from None
             if e.code == 404:
