@@ -219,6 +219,11 @@ def test_s3_push_pull_models(tiny_model, s3, home, capsys):
     assert [(x["name"], x["digest"], x["current"]) for x in rows] == [("tiny", digest, True)]
     assert rows[0]["size"] == sum(p.stat().st_size for p in tiny_model.iterdir())
     assert digest[:12] in cli_in_process(capsys, "models").stdout
+    assert cli_in_process(capsys, "models", "--verify").returncode == 0
+    blob = bytearray((path / "tokenizer.json").read_bytes())  # bit rot on the volume, after the pull
+    blob[5] ^= 1
+    (path / "tokenizer.json").write_bytes(bytes(blob))
+    assert_clean_error(cli_in_process(capsys, "models", "--verify"), "tokenizer.json: missing or corrupt")
 
 
 def test_s3_resumes_a_partial_file_with_a_range_read(tiny_model, s3, home, capsys):

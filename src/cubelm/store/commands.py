@@ -3,7 +3,7 @@
     cubelm push ~/.cache/cubelm/models/default s3://models/tiny      # files, then manifest.json (the commit point)
     AWS_ENDPOINT_URL=http://minio:9000 cubelm pull s3://models/tiny  # -> models/tiny@<digest>, models/tiny -> it
     cubelm pull https://host/models/tiny --name tiny --digest <sha256>  # pinned: refuse any other content
-    cubelm models                                                    # NAME DIGEST SIZE PATH
+    cubelm models [--verify]                                         # NAME DIGEST SIZE PATH (re-hashed)
     cubelm serve --model s3://models/tiny                            # pulls through the store, then serves
 """
 
@@ -55,6 +55,8 @@ def run_push(o: PushOptions) -> int:
 @dataclass(slots=True, kw_only=True)
 class ModelsOptions:
     json_output: bool = opt(False, flag="--json", help="print the list as JSON")
+    verify: bool = opt(False, help="re-hash every pulled model against its manifest (bit rot, edits on a shared "
+                                   "volume); a mismatch is an error naming the file")
 
 
 def list_models() -> list[dict]:
@@ -83,9 +85,27 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def verify_model(path: Path) -> None:
+    """Every file of a pulled ``name@digest`` directory against its manifest, and the manifest against the digest."""
+    from cubelm.store.manifest import parse_manifest, sha256_file
+    from cubelm.store.paths import split_version
+    manifest = parse_manifest((path / "manifest.json").read_bytes(), str(path / "manifest.json"))
+    if manifest.digest != split_version(path.name)[1]:
+        raise CubelmError(f"{path}: manifest.json does not match the directory's digest (edited after the pull?)")
+    for f in manifest.files:
+        p = path / f.path
+        if not p.is_file() or p.stat().st_size != f.size or sha256_file(p) != f.sha256:
+            raise CubelmError(f"{p}: missing or corrupt (size/sha256 differ from the manifest); delete {path} and "
+                              f"pull again")
+
+
 def run_models(o: ModelsOptions) -> int:
     from cubelm.store import paths
     rows = list_models()
+    if o.verify:
+        for r in rows:
+            if r["digest"]:  # a local directory has no manifest to check against
+                verify_model(Path(r["path"]))
     if o.json_output:
         print(json.dumps(rows, indent=1))
         return 0
