@@ -238,21 +238,27 @@ def measure_quality(rows: list[Row], held, out: Path, log=print) -> None:
         (out / f"{key.replace(':', '_')}.rows.json").write_text(json.dumps(keep, indent=2) + "\n")
 
 
+def speed_clock() -> str:
+    """With one thread, rates come from the process's CPU time per decode step: immune to the time slices a shared
+    machine gives to other jobs (not to their use of the memory bandwidth). With more threads, wall time (idle
+    OpenMP threads spin, so CPU time would not be the elapsed time)."""
+    import torch
+    return "cpu" if torch.get_num_threads() == 1 else "wall"
+
+
 def measure_speed(rows: list[Row], o, log=print) -> None:
-    """``o.rounds`` interleaved rounds: in each, every engine row decodes batch 1 and then the batched workload,
-    each on freshly loaded weights (the engine lays them out for decode in place)."""
+    """``o.rounds`` interleaved rounds: in each, every engine row decodes batch 1 and then ``o.batch`` sequences,
+    each on freshly loaded weights (the engine lays them out for decode in place). Rates are of the decode phase."""
     from cubelm.engine.bench import BenchDecodeOptions, measure_round
     from cubelm.model.hf_io import load_model
-    single = BenchDecodeOptions(model="x", batch=1, prompt_tokens=o.prompt_tokens, new_tokens=o.new_tokens,
-                                seed=o.seed)
-    batched = BenchDecodeOptions(model="x", batch=o.batch, prompt_tokens=o.prompt_tokens,
-                                 new_tokens=o.new_tokens, seed=o.seed)
+    clock = speed_clock()
     for i in range(o.rounds):
         for r in rows:
             if not r.engine or r.model_dir is None:
                 continue
-            r.decode.append(measure_round(load_model(r.model_dir), single)["decode_tok_s"])
-            res = measure_round(load_model(r.model_dir), batched)
-            # throughput of the whole workload: prefill included, as a server sees it
-            r.batched.append(o.batch * o.new_tokens / (res["prefill_s"] + res["decode_s"]))
+            for batch, rates in ((1, r.decode), (o.batch, r.batched)):
+                opts = BenchDecodeOptions(model="x", batch=batch, prompt_tokens=o.prompt_tokens,
+                                          new_tokens=o.new_tokens, seed=o.seed)
+                res = measure_round(load_model(r.model_dir), opts)
+                rates.append(batch * 1e3 / res["step_cpu_ms"] if clock == "cpu" else res["decode_tok_s"])
         log(f"[cubelm] report: speed round {i + 1}/{o.rounds} done")

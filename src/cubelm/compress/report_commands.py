@@ -58,7 +58,7 @@ class ReportOptions:
 
 
 def run_report(o: ReportOptions) -> int:
-    from cubelm.compress.report import build_rows, measure_quality, measure_speed
+    from cubelm.compress.report import build_rows, measure_quality, measure_speed, speed_clock
     from cubelm.engine.commands import resolve_model_dir
     from cubelm.eval.bpb import held_out_package, held_out_path
     from cubelm.systems.host import describe_host, host_info
@@ -76,7 +76,7 @@ def run_report(o: ReportOptions) -> int:
     report = {"model": str(src), "host": describe_host(host_info()), "held_out": held.name,
               "held_out_bytes": held.num_bytes,
               "speed": {"rounds": o.rounds, "batch": o.batch, "prompt_tokens": o.prompt_tokens,
-                        "new_tokens": o.new_tokens} if o.speed else None,
+                        "new_tokens": o.new_tokens, "clock": speed_clock()} if o.speed else None,
               "rows": [r.as_dict(source_bpb) for r in rows]}
     report["claims"] = claims(report["rows"])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -101,9 +101,11 @@ def table(report: dict) -> str:
              f"{report['held_out_bytes']:,} bytes; {report['host']}"]
     if report["speed"]:
         s = report["speed"]
-        lines.append(f"speed: cubelm engine, {s['rounds']} interleaved rounds (medians); batch 1 and batch "
-                     f"{s['batch']}, {s['prompt_tokens']} + {s['new_tokens']} tokens per sequence; ratios vs the "
-                     f"original row of this run")
+        clock = ("tokens per CPU-second of the one-thread process (immune to time slices lost on a shared host)"
+                 if s["clock"] == "cpu" else "wall-clock tok/s")
+        lines.append(f"speed: cubelm engine, decode phase, {clock}; {s['rounds']} interleaved rounds (medians); "
+                     f"batch 1 and batch {s['batch']}, {s['prompt_tokens']} + {s['new_tokens']} tokens per sequence; "
+                     f"ratios vs the original row of this run")
     lines += ["", "| method | parameters | bytes on disk | size | bits/byte | Δ | batch-1 tok/s | batch "
               f"{report['speed']['batch'] if report['speed'] else '-'} tok/s |",
               "|---|---|---|---|---|---|---|---|"]
