@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from deploy_helpers import (K8S, ROOT, TREES, by_kind, copy_sources, crd_schemas, dockerfile_instructions,
+from deploy_helpers import (ROOT, TREES, by_kind, copy_sources, crd_schemas, dockerfile_instructions,
                             dockerignore_patterns, env_values, exec_form, expand, glob_in, in_build_context,
                             kustomize_command, one, render, stages)
 
