@@ -2,8 +2,9 @@
 and .dockerignore.
 
 - Schemas: every rendered object validates against the Kubernetes JSON schemas (kubernetes-validate, strict: an
-  unknown field is an error) of the oldest and newest pinned versions; custom resources (KEDA ScaledObject,
-  prometheus-operator ServiceMonitor) against their published CRDs when ``CUBELM_CRD_DIR`` holds them.
+  unknown field is an error) of the oldest and newest pinned versions; the custom resources (KEDA ScaledObject,
+  prometheus-operator ServiceMonitor) against kubernetes-models' schemas for them (node; scripts/crd-validators),
+  and against the published CRD files when ``CUBELM_CRD_DIR`` holds them.
 - Security: checkov (its own venv: scripts/checkov) passes every check, each skip carrying a reason annotation.
 - Semantics against the code: the serve container's command line parses with cubelm's own CLI into valid
   options, probes hit routes the app has, the grace period outlasts the drain, the KEDA query names a metric
@@ -83,20 +84,50 @@ def test_a_field_the_schema_lacks_fails_validation(rendered):
         kv.validate(d, K8S_VERSIONS[-1], strict=True)
 
 
-def test_custom_resources_validate_against_their_crds(docs):
+def crd_validators() -> Path | None:
+    path = Path(os.environ.get("CUBELM_CRD_VALIDATORS") or ROOT / "tests" / "crd_validators" / "node_modules")
+    return path if (path / "@kubernetes-models").is_dir() and shutil.which("node") else None
+
+
+@pytest.mark.skipif(crd_validators() is None, reason="the custom-resource validators are not installed: run "
+                    "scripts/crd-validators (npm; .ci/run does) and have node on PATH")
+def test_custom_resources_validate_against_their_schemas(docs):
+    """KEDA's and prometheus-operator's schemas as kubernetes-models generates them from the projects' Go API
+    types (the types their published CRDs come from): field types, required fields, enums. A broken copy of each
+    object is sent along and must be refused, so a validator that accepts anything fails the test."""
     custom = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS]
     assert custom, "the ServiceMonitor (and in the overlays the ScaledObject) should be rendered"
+    broken = json.loads(json.dumps(custom))
+    for d in broken:
+        if d["kind"] == "ScaledObject":
+            d["spec"]["minReplicaCount"] = "two"
+        else:
+            del d["spec"]["selector"]
+    proc = subprocess.run(["node", str(ROOT / "tests" / "crd_validators" / "validate.mjs")],
+                          input=json.dumps(custom + broken), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUBELM_CRD_VALIDATORS": str(crd_validators())})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == 2 * len(custom)
+    good, bad = results[:len(custom)], results[len(custom):]
+    assert all(r["ok"] for r in good), [r for r in good if not r["ok"]]
+    assert not any(r["ok"] for r in bad), "the validator accepted a broken object"
+
+
+def test_custom_resources_validate_against_published_crds(docs):
     directory = os.environ.get("CUBELM_CRD_DIR")
     if not directory:
-        pytest.skip("the published CRDs (KEDA keda.sh_scaledobjects.yaml, prometheus-operator "
+        pytest.skip("the published CRD files (KEDA keda.sh_scaledobjects.yaml, prometheus-operator "
                     "monitoring.coreos.com_servicemonitors.yaml) ship with no package reachable offline: set "
-                    "CUBELM_CRD_DIR to a directory holding them to validate the custom resources")
+                    "CUBELM_CRD_DIR to a directory holding them to validate against them too (unknown fields "
+                    "rejected, as kubectl --validate=strict does)")
     import jsonschema
     schemas = crd_schemas(Path(directory))
-    for d in custom:
+    for d in docs:
         key = (d["apiVersion"], d["kind"])
-        assert key in schemas, f"no CRD for {key} in {directory}"
-        jsonschema.validate(d, schemas[key])
+        if key in CUSTOM_KINDS:
+            assert key in schemas, f"no CRD for {key} in {directory}"
+            jsonschema.validate(d, schemas[key])
 
 
 # ---- security scan ------------------------------------------------------------------------------------------------
