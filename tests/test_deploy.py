@@ -293,7 +293,8 @@ def test_one_autoscaler_per_deployment_and_the_pdb_leaves_a_replica(docs):
         assert min_replicas - pdb["spec"]["maxUnavailable"] >= 1
 
 
-def test_keda_and_servicemonitor_read_metrics_the_server_exports(rendered):
+def exported_series() -> tuple[set[str], set[str]]:
+    """The metric families cubelm serve exports, and the series names Prometheus stores for them."""
     from cubelm.serve.metrics import ServerMetrics
 
     class Engine:  # every engine statistic reads 0
@@ -302,7 +303,20 @@ def test_keda_and_servicemonitor_read_metrics_the_server_exports(rendered):
 
     metrics = ServerMetrics("m")
     metrics.attach(Engine())
-    exported = {m.name for m in metrics.registry.collect()}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    families = list(metrics.registry.collect())
+    return {m.name for m in families}, {m.name + s for m in families for s in suffixes[m.type]}
+
+
+def test_grafana_dashboard_charts_series_the_server_exports():
+    text = (ROOT / "deploy" / "grafana-dashboard.json").read_text()
+    used = set(re.findall(r"cubelm:[a-z0-9_]+", text))
+    _, series = exported_series()
+    assert len(used) >= 10 and used <= series, sorted(used - series)
+
+
+def test_keda_and_servicemonitor_read_metrics_the_server_exports(rendered):
+    exported, _ = exported_series()
     for tree in ("overlays/cpu", "overlays/gpu"):
         docs = rendered[tree]
         so = one(docs, "ScaledObject", "cubelm-serve")
