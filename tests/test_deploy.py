@@ -178,26 +178,50 @@ def test_serve_command_line_parses_into_valid_options(docs):
     assert options.model.startswith(("s3://", "http://", "https://", "file://", "gs://"))
 
 
-def test_init_container_pulls_the_model_the_server_loads(docs):
+def test_init_container_pulls_into_the_cache_the_server_reads(docs):
+    from cubelm.cli import parse_options
+    from cubelm.store.pull import default_name
     dep = serve_deployment(docs)
-    init = container(dep, "pull-model", init=True)
-    serve = container(dep, "cubelm")
-    init_argv = expand(init["args"], env_values(init, configmaps(docs)))
-    assert init_argv[0] == "pull" and init_argv[1] == serve_argv(docs)[serve_argv(docs).index("--model") + 1]
+    init, serve = container(dep, "pull-model", init=True), container(dep, "cubelm")
+    init_options, _ = parse_options(expand(init["args"], env_values(init, configmaps(docs))))
+    serve_options, _ = parse_options(serve_argv(docs))
+    # the server pulls the same URI under the same name, so it finds the init container's copy
+    assert init_options.src == serve_options.model
+    assert (init_options.name or default_name(init_options.src)) == default_name(serve_options.model)
     assert init["image"] == serve["image"]
-    home = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
     env_init, env_serve = (env_values(c, configmaps(docs)) for c in (init, serve))
     assert env_init["CUBELM_HOME"] == env_serve["CUBELM_HOME"]
-    assert home[env_init["CUBELM_HOME"]] == "model-cache"
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    claim = volumes["model-cache"]["persistentVolumeClaim"]["claimName"]
-    one(docs, "PersistentVolumeClaim", claim)
-    from cubelm.cli import VERBS
-    if not any(v.name == "pull" for v in VERBS):
-        pytest.skip("`cubelm pull` (the model store, issue 15 item 1) is not merged yet: the init container's "
-                    "command line cannot be parsed")
-    from cubelm.cli import parse_options
-    parse_options(init_argv)
+    for c, env in ((init, env_init), (serve, env_serve)):
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        claim = volumes[mounts[env["CUBELM_HOME"]]]["persistentVolumeClaim"]["claimName"]
+        one(docs, "PersistentVolumeClaim", claim)
+
+
+def test_init_then_serve_command_lines_download_once(rendered, tmp_path, monkeypatch, capsys):
+    """The rendered init and serve command lines, run against the real store with the ConfigMap's model URI
+    pointed at a published tiny model (file://): the init container's pull downloads it, the server's --model
+    resolves to that same verified directory and downloads nothing."""
+    from helpers import make_tiny_model_dir
+
+    from cubelm.cli import main, parse_options
+    from cubelm.engine.commands import resolve_model_dir
+    from cubelm.store.pull import push_model
+    docs = json.loads(json.dumps(rendered["overlays/cpu"]))
+    published = tmp_path / "bucket" / "default"
+    push_model(str(make_tiny_model_dir(tmp_path)), str(published))
+    for cm in by_kind(docs, "ConfigMap"):
+        cm["data"]["model-uri"] = published.as_uri()
+    monkeypatch.setenv("CUBELM_HOME", str(tmp_path / "home"))
+    dep = serve_deployment(docs)
+    init = container(dep, "pull-model", init=True)
+    assert main(expand(init["args"], env_values(init, configmaps(docs)))) == 0
+    pulled = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    models = tmp_path / "home" / "models"
+    before = sorted(p.name for p in models.iterdir())
+    options, _ = parse_options(serve_argv(docs))
+    assert resolve_model_dir(options.model) == pulled
+    assert sorted(p.name for p in models.iterdir()) == before and "already in the store" in capsys.readouterr().err
 
 
 def test_probes_hit_routes_the_server_has(docs):
