@@ -188,18 +188,27 @@ def build_parser(selected: Verb | None = None, *, all_verbs: bool = False) -> ar
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_options(argv: list[str]):
+    """``(options, run)`` for a command line (``["serve", "--port", "80"]``), or None when it names no verb.
+    A bad flag exits as argparse does; a bad value raises ``CubelmError`` (the options' validation)."""
     parser = build_parser(_selected_verb(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_target", None):
         parser.print_help()
-        return 2
+        return None
     cls, run = _resolve(args._target)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values = {k: v for k, v in values.items() if v is not None or k not in _defaults(cls)}
+    return cls(**values), run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        options = cls(**values)
+        parsed = parse_options(argv)
+        if parsed is None:
+            return 2
+        options, run = parsed
         return int(run(options) or 0)
     except CubelmError as e:
         print("cubelm: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line

@@ -15,6 +15,10 @@ from cubelm.cli import opt
 from cubelm.errors import CubelmError
 from cubelm.serve.ratelimit import STRATEGIES
 
+# after the drain, uvicorn's own graceful shutdown (open connections closed) takes at most this long: a supervisor's
+# kill deadline (Kubernetes' terminationGracePeriodSeconds) must exceed --shutdown-timeout + this
+UVICORN_GRACEFUL_SHUTDOWN_S = 5
+
 
 @dataclass(slots=True, kw_only=True)
 class ServeOptions:
@@ -119,7 +123,8 @@ def run_serve(o: ServeOptions) -> int:
     if state.limiter is not None:
         state.limiter.check_storage()
     config = uvicorn.Config(create_app(state), host=o.host, port=o.port, log_level=o.log_level,
-                            access_log=o.access_log, timeout_graceful_shutdown=5, lifespan="on")
+                            access_log=o.access_log, timeout_graceful_shutdown=UVICORN_GRACEFUL_SHUTDOWN_S,
+                            lifespan="on")
     server = DrainingServer(config, state, o.shutdown_timeout)
     auth = f"{len(state.keys._digests)} API key(s)" if state.keys.enabled else "no API key (open)"
     print(f"[cubelm] serving {path} as '{o.served_model_name}' on http://{o.host}:{o.port}/v1 ({auth}); "
