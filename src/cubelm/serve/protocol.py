@@ -259,7 +259,8 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: the little-endian float32 bytes of each vector, base64-encoded")
     dimensions: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the first N dimensions (Matryoshka), "
-                                   "re-normalized; at most the model's embedding size")
+                                   "re-normalized; at most the model's embedding size",
+                                   json_schema_extra={"x-embed-dim": True})
     user: Text | None = None
     # cubelm extension (extra_body): a prompt of the model's config_sentence_transformers.json, e.g. "query"
     prompt_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_valid_utf8)] | None = (
