@@ -175,7 +175,7 @@ def resolve_embedder(name_or_dir: str) -> tuple[str, Path]:
     if not path.is_dir():
         known = ", ".join(PACKAGED_MODELS)
         raise CubelmError(f"no embedding model {name_or_dir!r}: not a directory, nor a packaged model ({known})")
-    return path.resolve().name, path
+    return path.absolute().name or path.resolve().name, path  # a symlink's own name: how the user named it
 
 
 def _read_json(path: Path) -> dict:
