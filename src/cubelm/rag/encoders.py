@@ -20,7 +20,7 @@ from cubelm.errors import CubelmError
 class HFEncoder:
     """A transformers ``AutoModel`` (BertModel, RobertaModel, ...): last_hidden_state of a padded batch."""
 
-    def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype, unpad: bool = True):
         try:
             from transformers import AutoModel
             from transformers.utils import logging as hf_logging
@@ -38,8 +38,13 @@ class HFEncoder:
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 512) or 512)
         self.pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self.device = device
+        from cubelm.rag.unpadded import UnpaddedBert, supports_unpadded
+        # BERT-family layouts skip the pads in their dense layers (cubelm.rag.unpadded); others run as they are
+        self.unpadded = UnpaddedBert(self.model) if unpad and supports_unpadded(self.model) else None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.unpadded is not None and not bool(mask.all()):
+            return self.unpadded(ids, mask)
         # token_type_ids default to zeros inside the model, as the tokenizer would send for one segment
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
