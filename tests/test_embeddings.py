@@ -133,7 +133,8 @@ def test_quantization_equals_sentence_transformers(minilm):
         ranges = quantization_ranges(calib)
         np.testing.assert_array_equal(quantize_embeddings(x, precision, ranges=ranges), ours)
         inside = quantize_embeddings(calib, precision, ranges=ranges)  # within the ranges: error <= 1 step
-        assert (np.abs(dequantize_int8(inside, ranges, precision) - calib) <= (ranges[1] - ranges[0]) / 255 + 1e-6).all()
+        error = np.abs(dequantize_int8(inside, ranges, precision) - calib)
+        assert (error <= (ranges[1] - ranges[0]) / 255 + 1e-6).all()
     for precision in ("binary", "ubinary"):
         ours = quantize_embeddings(x, precision)
         assert ours.shape == (2, 384 // 8)
