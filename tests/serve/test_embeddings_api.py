@@ -172,3 +172,14 @@ def test_generate_server_with_embed_model(serve_process, model_dir, tmp_path):
     assert httpx.post(f"{p.base}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
     ids = {m["id"] for m in httpx.get(f"{p.base}/v1/models").json()["data"]}
     assert ids == {"m", emb_name}
+
+
+def test_serve_embed_options_are_checked_before_loading(capsys, model_dir):
+    from helpers import assert_clean_error, cli_in_process
+    assert_clean_error(cli_in_process(capsys, "serve", "--task", "embed", "--model", "no-such-model"),
+                       "no embedding model", "all-minilm-l6-v2")
+    assert_clean_error(cli_in_process(capsys, "serve", "--model", str(model_dir), "--embed-model", "nope"),
+                       "no embedding model")
+    assert_clean_error(cli_in_process(capsys, "serve", "--task", "embed", "--embed-model", NAME), "--task generate")
+    assert_clean_error(cli_in_process(capsys, "serve", "--task", "embed", "--embed-max-delay-ms", "-1"),
+                       "--embed-max-delay-ms")

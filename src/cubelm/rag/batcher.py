@@ -10,8 +10,10 @@ Padding by length buckets: inputs fall in buckets of ``BUCKET`` tokens and a bat
 longest input (fewer distinct shapes than every length). When a batch is formed, the oldest input always goes in
 (no starvation) and the rest are taken from the nearest buckets first (arrival order within a bucket), so a deep
 queue yields batches of similar lengths: on CPU an encoder is compute-bound from a few dozen tokens on, and every
-pad token costs as much as a real one. (Power-of-two buckets, common on GPUs to limit recompiles, wasted up to half
-of each forward here: measured 0.64x batch-1 throughput on 5-60-word texts.) ``max_batch_tokens`` caps
+pad token costs as much as a real one. NOTE: the book (§6.1.3) recommends powers of 2; that is GPU advice (tile
+and warp alignment, fewer compiled shapes). Padding lengths to powers of 2 wasted up to half of each forward here
+(measured: 0.64x batch-1 throughput on 5-60-word texts), and batch sizes need not be powers of 2 on CPU, where
+oneDNN/MKL GEMMs handle any M; so buckets are 8 tokens wide and a batch takes what is queued. ``max_batch_tokens`` caps
 inputs x padded length, which bounds a forward's memory (attention is O(T^2) per input).
 """
 

