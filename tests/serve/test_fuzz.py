@@ -31,8 +31,10 @@ def fuzz_server(model_dir, tmp_path_factory):
     from cubelm.finetune.config import LoraConfig
     from lora_helpers import make_adapter
     adapter = make_adapter(model_dir, tmp_path_factory.mktemp("fuzz") / "a", LoraConfig(r=4), seed=0)
+    # /v1/embeddings too, with the same tiny model as the embedder (cubelm's decoder, last-token pooling)
     p = ServeProcess(model_dir, "--max-model-len", "64", "--request-timeout", "20", "--max-n", "4",
-                     "--lora-modules", f"fuzz-adapter-0={adapter}", "--enable-runtime-lora").start()
+                     "--lora-modules", f"fuzz-adapter-0={adapter}", "--enable-runtime-lora",
+                     "--embed-model", str(model_dir)).start()
     yield p
     p.stop()
 
@@ -47,7 +49,7 @@ def test_api_never_fails_and_follows_its_document(fuzz_server, mode):
     from schemathesis import GenerationMode
     ops = operations(fuzz_server.base)
     assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                                       "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+                                       "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/embeddings"}
     for op in ops:
         if mode == "negative" and op.method.upper() == "GET":
             continue  # the GET routes take no input: there is nothing to make invalid

@@ -259,12 +259,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     settings = read_settings(file.parent)
     sha = hashlib.sha256(text.encode()).hexdigest()
     if settings is None:  # a bare tokenizer.json: cubelm's tokens if it has them, else no named special tokens
-        return Tokenizer(backend, sha256=sha, name=str(file.parent))
-    backend.encode_special_tokens = settings.split_special_tokens
-    return Tokenizer(backend, model_max_length=settings.model_max_length, sha256=sha,
-                     special_tokens=settings.special_tokens, chat_template=settings.chat_template,
-                     add_bos_token=settings.add_bos_token, add_eos_token=settings.add_eos_token,
-                     name=str(file.parent))
+        tok = Tokenizer(backend, sha256=sha, name=str(file.parent))
+    else:
+        backend.encode_special_tokens = settings.split_special_tokens
+        tok = Tokenizer(backend, model_max_length=settings.model_max_length, sha256=sha,
+                        special_tokens=settings.special_tokens, chat_template=settings.chat_template,
+                        add_bos_token=settings.add_bos_token, add_eos_token=settings.add_eos_token,
+                        name=str(file.parent))
+    # NOTE: some tokenizer.json files carry the padding/truncation they were last used with (all-MiniLM-L6-v2's
+    # pads and truncates every encoding to 128); transformers applies neither unless a call asks for it, so
+    # neither do we (after Tokenizer has read the pad token from the padding config).
+    backend.no_padding()
+    backend.no_truncation()
+    return tok
 
 
 # ---- statistics -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The FastAPI application: routes and request validation into OpenAI errors.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
-``POST /detokenize``, ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
+``POST /detokenize``, ``POST /v1/embeddings`` (``cubelm.serve.embeddings``; with ``--task embed`` the only model
+route), ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
 (Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``). A request's ``model`` is the base model or an adapter. The model loads in a background thread so that ``/health`` and ``/ready``
 answer from the first second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
@@ -26,8 +27,9 @@ from cubelm.serve.body_limit import BodyLimit
 from cubelm.serve.errors import APIError, error_body
 from cubelm.serve.lora import add_lora_routes, model_card
 from cubelm.serve.openapi import errors, install_openapi, ok
-from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelList,
-                                   TokenizeRequest, chat_messages, new_id)
+from cubelm.serve.embeddings import add_embedding_routes
+from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                                   TokenizeRequest, chat_messages, new_id, now_s)
 from cubelm.serve.serving import Job, Responder, submit_all
 from cubelm.serve.state import ServerState
 from cubelm.serve.streaming import SSEResponse, until_disconnect
@@ -68,7 +70,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/ready", summary="Readiness: 200 once the model is loaded; 503 while loading, draining or failed",
              responses=errors(503))
     async def ready():
-        if state.engine_error is not None or state.draining or state.llm is None:
+        if state.engine_error is not None or state.draining or not state.loaded:
             status = ("failed" if state.engine_error is not None or state.load_error is not None
                       else "draining" if state.draining else "loading")
             return JSONResponse({"status": status}, status_code=503)
@@ -86,8 +88,24 @@ def create_app(state: ServerState) -> FastAPI:
              response_model=ModelList, responses=errors(401, 503))
     async def models(_: str = Depends(client_id)):
         state.check_available()
-        return ModelList(data=[model_card(state)] + [model_card(state, a) for a in state.adapters()])
+        cards = [model_card(state)] + [model_card(state, a) for a in state.adapters()] if state.llm else []
+        if state.embedding is not None and state.embedding.name not in {c.id for c in cards}:
+            cards.append(ModelCard(id=state.embedding.name, created=now_s(), root=state.embedding.name,
+                                   max_model_len=state.embedding.embedder.max_tokens))
+        return ModelList(data=cards)
 
+    if state.options.task == "embed" or state.options.embed_model:
+        add_embedding_routes(app, state, client_id, errors(400, 401, 404, 413, 429, 503, 504))
+    if state.options.task == "embed":  # no generation, tokenizer or adapter routes: there is no LLM
+        return app
+
+    _add_generation_routes(app, state, client_id)
+    if state.options.enable_runtime_lora:
+        add_lora_routes(app, state, client_id)
+    return app
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState, client_id) -> None:
     @app.post("/v1/completions", summary="Text completion (OpenAI)", responses=GENERATE_RESPONSES)
     async def completions(req: CompletionRequest, request: Request, client: str = Depends(client_id)):
         adapter = _check_request(state, req)
@@ -125,10 +143,6 @@ def create_app(state: ServerState) -> FastAPI:
         state.resolve_model(req.model)
         _check_token_ids(state, req.tokens, "tokens")
         return {"prompt": state.tokenizer.decode(req.tokens)}
-
-    if state.options.enable_runtime_lora:
-        add_lora_routes(app, state, client_id)
-    return app
 
 
 def _check_request(state: ServerState, req):
@@ -195,14 +209,7 @@ async def _generate(state: ServerState, req, request: Request, client: str, prom
               model=adapter.name if adapter is not None else state.model_name, prompts=prompts, params=params,
               stream=req.stream, include_usage=req.include_usage, received=received,
               deadline=received + timeout if timeout else None, lora_request=adapter)
-    delay = await state.rate_limit(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
-    if delay > 0:  # leaky bucket: wait for our turn in the queue
-        state.num_delayed += 1
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            state.num_delayed -= 1
-        state.check_available()
+    await state.wait_for_turn(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
     reqs = submit_all(state.llm, job, state.live)
     responder = Responder(job, state.tokenizer, state.metrics, timeout)
     if job.stream:

@@ -3,6 +3,8 @@
     cubelm serve                                   # the default model on 127.0.0.1:8000
     cubelm serve --model DIR --host 0.0.0.0 --port 8000 --api-key sk-1 --rate-limit-rpm 60
     cubelm serve --model DIR --lora-modules sql=adapters/sql --lora-modules chat=adapters/chat --max-loras 2
+    cubelm serve --task embed --model all-minilm-l6-v2            # /v1/embeddings only (adaptive batching)
+    cubelm serve --model DIR --embed-model all-minilm-l6-v2       # generation and /v1/embeddings
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ UVICORN_GRACEFUL_SHUTDOWN_S = 5
 class ServeOptions:
     model: str | None = opt(None, help="model directory (HF format), a name in the model store, or a URL (s3://, "
                                        "gs://, http(s)://, file://) pulled through the store first; default: the "
-                                       "default model in the model store")
+                                       "default model in the model store (--task embed: an encoder directory or "
+                                       "all-minilm-l6-v2, the default)")
+    task: str = opt("generate", choices=("generate", "embed"), help="generate: completions and chat (plus "
+                    "/v1/embeddings with --embed-model); embed: only /v1/embeddings, with --model as the embedder")
+    embed_model: str | None = opt(None, help="with --task generate: also serve /v1/embeddings with this embedding "
+                                             "model (all-minilm-l6-v2, an HF encoder directory or a cubelm model)")
+    embed_pooling: str | None = opt(None, choices=("cls", "mean", "max", "last"), help="embedding pooling; "
+                                    "default: the model's 1_Pooling config, else mean (encoders) / last (decoders)")
+    embed_max_batch: int = opt(32, help="adaptive batching: most inputs in one embedding forward")
+    embed_max_delay_ms: float = opt(5.0, help="adaptive batching: longest wait for a batch to fill after its first "
+                                              "input arrives (latency traded for throughput)")
+    embed_max_batch_tokens: int = opt(16384, help="adaptive batching: most inputs x padded length in one forward "
+                                                  "(bounds its memory)")
     served_model_name: str | None = opt(None, help="the model id clients send; default: the directory's name "
                                                    "(without @digest)")
     host: str = opt("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -92,6 +106,13 @@ class ServeOptions:
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise CubelmError(f"--max-loras and --max-lora-rank must be >= 1, got {self.max_loras}, "
                               f"{self.max_lora_rank}")
+        if self.embed_max_batch < 1 or self.embed_max_delay_ms < 0 or self.embed_max_batch_tokens < 1:
+            raise CubelmError(f"--embed-max-batch and --embed-max-batch-tokens must be >= 1 and --embed-max-delay-ms "
+                              f">= 0, got {self.embed_max_batch}, {self.embed_max_batch_tokens}, "
+                              f"{self.embed_max_delay_ms}")
+        if self.task == "embed" and (self.lora_modules or self.enable_runtime_lora or self.embed_model):
+            raise CubelmError("--task embed serves one embedding model (--model): --lora-modules, "
+                              "--enable-runtime-lora and --embed-model are for --task generate")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise CubelmError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
 
@@ -101,15 +122,17 @@ class ServeOptions:
 
 
 def run_serve(o: ServeOptions) -> int:
-    import uvicorn
-
     from cubelm.engine.commands import resolve_model_dir
     from cubelm.model.hf_io import resolve_device, resolve_dtype
-    from cubelm.serve.app import create_app
-    from cubelm.serve.server import DrainingServer
-    from cubelm.serve.state import ServerState
 
     _log_to_stderr()
+    if o.task == "embed":
+        from cubelm.rag.embedder import resolve_embedder
+        model = o.model or "all-minilm-l6-v2"
+        name, path = resolve_embedder(model)  # a bad name fails now, not in the load thread
+        o = dataclasses.replace(o, model=model, served_model_name=o.served_model_name or name)
+        resolve_dtype(o.dtype, resolve_device(o.device))
+        return _run(o, path)
     path = resolve_model_dir(o.model)
     resolve_dtype(o.dtype, resolve_device(o.device))  # a bad --device/--dtype fails now, not in the load thread
     if o.quantization is not None:
@@ -119,6 +142,19 @@ def run_serve(o: ServeOptions) -> int:
     if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
         from cubelm.serve.lora import check_lora_modules, parse_lora_modules
         check_lora_modules(parse_lora_modules(o.lora_modules), path, o.served_model_name, o.max_lora_rank)
+    if o.embed_model:
+        from cubelm.rag.embedder import resolve_embedder
+        resolve_embedder(o.embed_model)
+    return _run(o, path)
+
+
+def _run(o: ServeOptions, path) -> int:
+    import uvicorn
+
+    from cubelm.serve.app import create_app
+    from cubelm.serve.server import DrainingServer
+    from cubelm.serve.state import ServerState
+
     state = ServerState(o)
     if state.limiter is not None:
         state.limiter.check_storage()

@@ -48,7 +48,9 @@ def install_openapi(app, state) -> None:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         vocab = _vocab_size(state)
         _set_maxima(schema, vocab, state.options.max_n)
-        if vocab and state.llm is not None:  # cache only once the model is known
+        emb = state.embedding.embedder if state.embedding is not None else None
+        _set_embed_maxima(schema, *((emb.tokenizer.vocab_size, emb.max_tokens, emb.dim) if emb else (None,) * 3))
+        if state.loaded and (vocab or state.llm is None):  # cache only once the models are known
             app.openapi_schema = schema
         return schema
 
@@ -58,6 +60,8 @@ def install_openapi(app, state) -> None:
 def _vocab_size(state) -> int | None:
     if state.engine is not None:
         return state.engine.model.config.vocab_size
+    if state.options.task == "embed":
+        return None
     try:
         from cubelm.model.config import read_config_json
         return read_config_json(state.options.model).vocab_size
@@ -77,3 +81,20 @@ def _set_maxima(node, vocab: int | None, max_n: int) -> None:
     elif isinstance(node, list):
         for v in node:
             _set_maxima(v, vocab, max_n)
+
+
+def _set_embed_maxima(node, vocab: int | None, max_tokens: int | None, dim: int | None) -> None:
+    """/v1/embeddings: token ids below the embedding model's vocabulary, at most its max_tokens per input,
+    dimensions at most its embedding size."""
+    if isinstance(node, dict):
+        if node.pop("x-embed-dim", False) and dim:
+            node["maximum"] = dim
+        if node.pop("x-embed-token-id", False) and vocab:
+            node["maximum"] = vocab - 1
+        if node.pop("x-embed-max-tokens", False) and max_tokens:
+            node["maxItems"] = max_tokens
+        for v in node.values():
+            _set_embed_maxima(v, vocab, max_tokens, dim)
+    elif isinstance(node, list):
+        for v in node:
+            _set_embed_maxima(v, vocab, max_tokens, dim)

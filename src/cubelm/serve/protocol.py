@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from cubelm.engine.params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N, SamplingParams
 from cubelm.serve.errors import APIError
@@ -239,3 +239,63 @@ def now_s() -> int:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- /v1/embeddings -------------------------------------------------------------------------------------------
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit on inputs per request
+# the OpenAPI document replaces these with the embedding model's vocabulary size - 1 and its max_tokens
+EmbedTokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID, json_schema_extra={"x-embed-token-id": True})]
+EmbedTokenIds = Annotated[list[EmbedTokenId], Field(min_length=1, json_schema_extra={"x-embed-max-tokens": True})]
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's embeddings request. Token-id inputs are the embedding model's ids, used as they are (with no
+    special tokens added), as vLLM does."""
+
+    input: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | EmbedTokenIds | Annotated[list[EmbedTokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]) = (
+        Field(description="a text, a list of texts, token ids, or a list of token-id lists"))
+    model: Text | None = None
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: the little-endian float32 bytes of each vector, base64-encoded")
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the first N dimensions (Matryoshka), "
+                                   "re-normalized; at most the model's embedding size",
+                                   json_schema_extra={"x-embed-dim": True})
+    user: Text | None = None
+    # cubelm extension (extra_body): a prompt of the model's config_sentence_transformers.json, e.g. "query"
+    prompt_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_valid_utf8)] | None = (
+        Field(None, description="prepend the model's named prompt (a query/passage prefix)"))
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _not_empty(cls, x):
+        # one clear message instead of the union's first branch's ("Input should be a valid string")
+        if x == [] or x == "" or (isinstance(x, list) and any(v == [] or v == "" for v in x)):
+            raise ValueError("an input must not be empty (no empty list, text or token list)")
+        return x
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if all(isinstance(t, int) for t in x):
+            return [list(x)]
+        return list(x)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str = Field(description="the vector, or its base64 float32 bytes")
+    index: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

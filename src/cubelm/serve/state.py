@@ -39,30 +39,40 @@ class ServerState:
         self.draining = False
         self.num_delayed = 0  # admitted, waiting out a leaky-bucket delay before reaching the engine
         self.live: set = set()  # serving.EngineRequest objects in flight
+        self.embedding = None  # cubelm.serve.embeddings.EmbeddingService (--task embed, --embed-model)
+        self.loaded = False  # every model this server serves is loaded
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def load(self) -> None:
-        from cubelm.engine.async_engine import AsyncLLM
         try:
-            if self.engine is None:
-                from cubelm.engine.config import EngineConfig
-                from cubelm.engine.llm_engine import LLMEngine
-                o = self.options
-                cfg = EngineConfig(kv_cache_memory=o.kv_cache_memory, max_num_seqs=o.max_num_seqs,
-                                   max_model_len=o.max_model_len, num_blocks=o.num_blocks,
-                                   kv_cache_dtype=o.kv_cache_dtype,
-                                   enable_lora=o.enable_lora, max_loras=o.max_loras, max_lora_rank=o.max_lora_rank,
-                                   max_cpu_loras=o.max_cpu_loras, quantization=o.quantization,
-                                   quantization_group_size=o.quantization_group_size)
-                self.engine = LLMEngine.from_model_dir(o.model, cfg, device=o.device, dtype=o.dtype)
-                self._register_lora_modules()
-            self.tokenizer = self.engine.tokenizer
-            self.max_prompt_chars = 4 * self.engine.max_model_len * _max_token_chars(self.tokenizer)
-            self.metrics.attach(self.engine)
-            self.llm = AsyncLLM(self.engine, max_batch_delay_ms=self.options.max_batch_delay_ms,
-                                max_waiting=self.options.max_pending_requests)
+            if self.options.task != "embed":
+                self._load_engine()
+            if self.options.task == "embed" or self.options.embed_model:
+                from cubelm.serve.embeddings import EmbeddingService
+                self.embedding = EmbeddingService.load(self.options, self.metrics.registry)
+            self.loaded = True
         except BaseException as e:  # noqa: BLE001 - reported by `cubelm serve`, which then exits non-zero
             self.load_error = e
+
+    def _load_engine(self) -> None:
+        from cubelm.engine.async_engine import AsyncLLM
+        if self.engine is None:
+            from cubelm.engine.config import EngineConfig
+            from cubelm.engine.llm_engine import LLMEngine
+            o = self.options
+            cfg = EngineConfig(kv_cache_memory=o.kv_cache_memory, max_num_seqs=o.max_num_seqs,
+                               max_model_len=o.max_model_len, num_blocks=o.num_blocks,
+                               kv_cache_dtype=o.kv_cache_dtype,
+                               enable_lora=o.enable_lora, max_loras=o.max_loras, max_lora_rank=o.max_lora_rank,
+                               max_cpu_loras=o.max_cpu_loras, quantization=o.quantization,
+                               quantization_group_size=o.quantization_group_size)
+            self.engine = LLMEngine.from_model_dir(o.model, cfg, device=o.device, dtype=o.dtype)
+            self._register_lora_modules()
+        self.tokenizer = self.engine.tokenizer
+        self.max_prompt_chars = 4 * self.engine.max_model_len * _max_token_chars(self.tokenizer)
+        self.metrics.attach(self.engine)
+        self.llm = AsyncLLM(self.engine, max_batch_delay_ms=self.options.max_batch_delay_ms,
+                            max_waiting=self.options.max_pending_requests)
 
     @property
     def engine_error(self) -> BaseException | None:
@@ -71,7 +81,8 @@ class ServerState:
 
     @property
     def in_flight(self) -> int:
-        return (self.llm.num_unfinished if self.llm is not None else 0) + self.num_delayed
+        return ((self.llm.num_unfinished if self.llm is not None else 0) + self.num_delayed
+                + (self.embedding.in_flight if self.embedding is not None else 0))
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work, let in-flight requests finish for up to ``timeout`` seconds, then fail the rest."""
@@ -86,6 +97,8 @@ class ServerState:
     def close(self) -> None:
         if self.llm is not None:
             self.llm.shutdown()
+        if self.embedding is not None:
+            self.embedding.close()
 
     def check_available(self) -> None:
         if self.engine_error is not None:
@@ -97,7 +110,7 @@ class ServerState:
                            type="server_unavailable", code="draining", headers={"Retry-After": "1"})
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", type="server_error", code="not_ready")
-        if self.llm is None:
+        if not self.loaded:
             raise APIError(503, "the model is still loading; retry when GET /ready answers 200",
                            type="server_unavailable", code="not_ready", headers={"Retry-After": "1"})
 
@@ -122,6 +135,29 @@ class ServerState:
             raise APIError(404, f"the model '{model}' does not exist; this server serves {shown} (see GET "
                                 f"/v1/models)", param="model", code="model_not_found")
         return adapter
+
+    def resolve_embedding_model(self, model: str | None):
+        """The embedding service a /v1/embeddings request's ``model`` names (None: the one there is)."""
+        service = self.embedding
+        if service is not None and (model is None or model == service.name):
+            return service
+        if model is not None and model != self.model_name and not any(a.name == model for a in self.adapters()):
+            self.resolve_model(model)  # 404 naming the served models
+        where = (f"; the embedding model here is '{service.name}'" if service is not None else
+                 "; start the server with --embed-model NAME, or --task embed")
+        raise APIError(400, f"the model '{model}' does not support embeddings{where}", param="model",
+                       code="model_not_supported")
+
+    async def wait_for_turn(self, client: str, num_tokens: int) -> None:
+        """Charge the rate limits; a leaky bucket's delay is waited out here (counted as in flight)."""
+        delay = await self.rate_limit(client, num_tokens)
+        if delay > 0:
+            self.num_delayed += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.num_delayed -= 1
+            self.check_available()
 
     async def rate_limit(self, client: str, num_tokens: int) -> float:
         if self.limiter is None:
