@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: chunking, embedders, vector stores, retrieval (issue 14)."""
