@@ -157,7 +157,10 @@ class FaissIndex:
             sel.referenced_inner = inner  # keep the wrapped selector alive as long as sel
         if s.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(s.ef_search, k)
+            # a walk that skips non-passing nodes meets a passing one every ntotal/len(allowed) nodes: widen
+            # the beam by that factor so a selective filter still finds k neighbours
+            widen = 1 if allowed is None else self.ntotal / max(len(allowed), 1)
+            params.efSearch = int(min(max(s.ef_search, k) * widen, max(self.ntotal, s.ef_search)))
         elif s.kind == "ivfpq":
             params = faiss.SearchParametersIVF()
             params.nprobe = s.nprobe

@@ -138,8 +138,14 @@ class FaissStore:
         excluded = None if self.index.can_remove else self.db.tombstones()
         scores, keys = self.index.search(q, fetch, allowed=allowed, excluded=excluded)
         if rescore:
-            return [self._rescored(qi, row[row >= 0], k) for qi, row in zip(q, keys)]
-        return [self._hits(row[row >= 0][:k], s[row >= 0][:k]) for row, s in zip(keys, scores)]
+            out = [self._rescored(qi, row[row >= 0], k) for qi, row in zip(q, keys)]
+        else:
+            out = [self._hits(row[row >= 0][:k], s[row >= 0][:k]) for row, s in zip(keys, scores)]
+        if allowed is not None:  # an approximate walk can still come back short: score those queries exactly
+            want = min(k, len(allowed))
+            for i in (i for i, hits in enumerate(out) if len(hits) < want):
+                out[i] = self._exact(q[i:i + 1], k, allowed)[0]
+        return out
 
     def _rescored(self, q: np.ndarray, keys: np.ndarray, k: int) -> list[Hit]:
         scores = self.db.vectors(keys, self.dim) @ q
