@@ -79,6 +79,10 @@ VERBS: list[Verb] = [
          "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
     Verb("compress deep", "Deep Compression: prune -> k-means weight sharing -> Huffman; sizes per stage, quality.",
          "cubelm.compress.deep_commands:DeepOptions:run_deep"),
+    Verb("rag ingest", "Chunk a directory or the stdlib, embed the chunks and write a vector index (faiss or Chroma).",
+         "cubelm.rag.commands:IngestOptions:run_ingest"),
+    Verb("rag query", "Search a vector index with a text query: top-k chunks with scores and file:line citations.",
+         "cubelm.rag.commands:QueryOptions:run_query"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -96,6 +100,7 @@ _GROUPS = {
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "compress": "Model compression: pruning, low rank, layer sharing, SmoothQuant / W8A8, Deep Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 
@@ -136,6 +141,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
                 kw["required"] = True
         if has_default and default not in (None, False, []) and tp is not bool:
             kw["help"] += f" (default: {default})"
+        if not flag.startswith("-"):  # a positional argument (``opt(flag="text")``): argparse names it itself
+            kw.pop("dest")
+            kw.pop("required", None)
+            flag = f.name
         parser.add_argument(flag, **kw)
 
 
