@@ -106,7 +106,7 @@ def _windows(text: str, counter: TokenCounter, max_tokens: int, overlap: int, cu
         else:
             limit = starts[first + max_tokens]  # [pos, limit) holds max_tokens tokens in context
             end = _best_cut(positions, cuts, min_fill, pos, limit, starts, first, max_tokens) or limit
-        end, n = _fit(text, counter, max_tokens, pos, end, positions, starts, strip)
+        end, n = _fit(text, counter, max_tokens, pos, end, positions, cuts, _WORD if strip else _LINE, starts, strip)
         out.append((pos, end, n))
         if end >= (len(text.rstrip()) if strip else len(text)):
             break
@@ -126,7 +126,7 @@ def _best_cut(positions, cuts, min_fill, pos, limit, starts, first, max_tokens) 
     return candidates[-1] if candidates else None
 
 
-def _fit(text, counter, max_tokens, pos, end, positions, starts, strip) -> tuple[int, int]:
+def _fit(text, counter, max_tokens, pos, end, positions, cuts, fit_level, starts, strip) -> tuple[int, int]:
     """Move ``end`` back (to earlier cuts, then token starts) until the chunk alone has <= max_tokens tokens."""
     while True:
         stop = pos + len(text[pos:end].rstrip()) if strip else end
@@ -134,8 +134,9 @@ def _fit(text, counter, max_tokens, pos, end, positions, starts, strip) -> tuple
         if n <= max_tokens or end - pos <= 1:
             return stop, n
         earlier = positions[bisect.bisect_right(positions, pos):bisect.bisect_left(positions, end)]
+        preferred = [c for c in earlier if cuts[c] >= fit_level]  # code: stay on line starts
         inner = [s for s in starts if pos < s < end]
-        end = earlier[-1] if earlier else inner[-1] if inner else end - 1
+        end = (preferred or earlier or inner or [end - 1])[-1]
 
 
 def _next_start(text, counter, overlap, pos, end, positions, starts, strip) -> int:
