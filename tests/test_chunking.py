@@ -27,7 +27,8 @@ def tok(request):
     t.normalizer = normalizers.BertNormalizer(lowercase=True)
     t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     t.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]"]))
-    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                     special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
     t.enable_truncation(64)  # as sentence-transformers' tokenizer.json does: the chunker must not be fooled by it
     return t
 
@@ -119,7 +120,8 @@ class Big:
 ''' for i in range(12)) + '''
 
 def long_function(items):
-''' + "".join(f'''    value_{i} = items[{i}] * {i} + len(items)\n''' + ("\n" if i % 7 == 6 else "") for i in range(80)) + '''\
+''' + "".join(f"    value_{i} = items[{i}] * {i} + len(items)\n" + ("\n" if i % 7 == 6 else "")
+              for i in range(80)) + '''\
     return items
 
 
@@ -150,7 +152,8 @@ def test_python_chunks_follow_functions_and_lines(tok):
     assert mod[0].start_line == 1 and "import sys" in mod[0].text and "CONSTANT = 3" in mod[0].text
     assert mod[-1].text.startswith('if __name__ == "__main__":')
     # the big class: a header chunk (class line, docstring, attribute) and one chunk per method
-    assert count(tok, ast.get_source_segment(SOURCE, next(n for n in tree.body if getattr(n, "name", "") == "Big"))) > 120
+    big = next(n for n in tree.body if getattr(n, "name", "") == "Big")
+    assert count(tok, ast.get_source_segment(SOURCE, big)) > 120
     assert by_name["Big"][0].text.startswith("class Big:") and "attribute = 1" in by_name["Big"][0].text
     for i in range(12):
         (m,) = by_name[f"Big.method_{i}"]

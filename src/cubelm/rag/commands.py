@@ -47,7 +47,8 @@ class QueryOptions:
     text: str = opt(help="the query", flag="text")
     index: str = opt(help="index directory or http://HOST:PORT/COLLECTION")
     k: int = opt(5, flag="-k", help="number of chunks to return")
-    where: list[str] = opt([], help="metadata filter KEY=VALUE (repeatable; all must hold), e.g. source=json/__init__.py")
+    where: list[str] = opt([], help="metadata filter KEY=VALUE (repeatable; all must hold), "
+                                         "e.g. source=json/__init__.py")
     embedder: str | None = opt(None, help="embedder (default: the one the index was built with)")
     device: str = opt("cpu", help="device for the embedder (cpu, cuda)")
     json_output: bool = opt(False, flag="--json", help="print the hits as JSON")

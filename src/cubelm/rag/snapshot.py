@@ -94,7 +94,8 @@ def write_snapshot(root: Path, writers: dict[str, Callable[[Path], None]], manif
 
 def _remove_stale(root: Path, keep: str) -> None:
     for p in root.iterdir():
-        if p.is_dir() and p.name != keep and (p.name.startswith(".tmp-") or (p.name[:1] == "v" and p.name[1:].isdigit())):
+        ours = p.name.startswith(".tmp-") or (p.name[:1] == "v" and p.name[1:].isdigit())
+        if ours and p.is_dir() and p.name != keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
