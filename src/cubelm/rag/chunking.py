@@ -91,11 +91,11 @@ def _code_cuts(lines: list[str]) -> dict[int, int]:
 
 
 def _windows(text: str, counter: TokenCounter, max_tokens: int, overlap: int, cuts: dict[int, int],
-             min_fill: dict[int, float], strip: bool) -> list[tuple[int, int, int]]:
+             min_fill: dict[int, float], strip: bool, starts: list[int] | None = None) -> list[tuple[int, int, int]]:
     """Greedy (start, end, n_tokens) character windows of ``text`` (see the module docstring). ``strip``
     (prose): windows neither start nor end with whitespace; otherwise (code) they tile whole lines and an
-    overlap starts at a line start."""
-    starts = [s for s, _ in counter.spans(text)]
+    overlap starts at a line start. ``starts``: token start positions, when the caller has them already."""
+    starts = [s for s, _ in counter.spans(text)] if starts is None else starts
     positions = sorted(cuts)
     pos = len(text) - len(text.lstrip()) if strip else 0
     out = []
@@ -156,7 +156,7 @@ def _next_start(text, counter, overlap, pos, end, positions, starts, strip) -> i
 def chunk_text(text: str, tokenizer, max_tokens: int, overlap: int = 0, *, source: str | None = None,
                first_line: int = 1) -> list[Chunk]:
     _check_limits(max_tokens, overlap)
-    counter = TokenCounter(tokenizer)
+    counter = TokenCounter.of(tokenizer)
     windows = _windows(text, counter, max_tokens, overlap, _text_cuts(text), _TEXT_MIN_FILL, strip=True)
     chunks = [_chunk(text, a, b, n, first_line, source, "text", None) for a, b, n in windows]
     return _unique_ids(chunks)
@@ -219,27 +219,49 @@ def chunk_python(source_text: str, tokenizer, max_tokens: int, overlap: int = 0,
         tree = ast.parse(source_text)
     except (SyntaxError, ValueError):  # not Python 3 (old test data, templates): still searchable as text
         return chunk_text(source_text, tokenizer, max_tokens, overlap, source=path)
-    lines = split_lines(source_text)
-    counter = TokenCounter(tokenizer)
+    counter = TokenCounter.of(tokenizer)
+    f = _File(split_lines(source_text), counter, source_text)
     chunks: list[Chunk] = []
-    for seg in _segments(tree.body, lines, 1, "", "module"):
-        chunks += _emit(seg, lines, counter, max_tokens, overlap, path)
+    for seg in _segments(tree.body, f.lines, 1, "", "module"):
+        chunks += _emit(seg, f, max_tokens, overlap, path)
     return _unique_ids(chunks)
 
 
-def _emit(seg: _Segment, lines, counter, max_tokens, overlap, path) -> list[Chunk]:
+class _File:
+    """A file's lines and the token starts of the whole file (tokenized once): a segment's tokens in context
+    tell whether it can possibly fit, and where to cut, without tokenizing each segment again."""
+
+    def __init__(self, lines: list[str], counter: TokenCounter, text: str) -> None:
+        self.lines, self.counter = lines, counter
+        self.line_offsets = [0]
+        for line in lines:
+            self.line_offsets.append(self.line_offsets[-1] + len(line))
+        self.starts = [s for s, _ in counter.spans(text)]
+
+    def token_starts(self, seg: _Segment) -> list[int]:
+        a, b = self.line_offsets[seg.start - 1], self.line_offsets[seg.end]
+        return [s - a for s in self.starts[bisect.bisect_left(self.starts, a):bisect.bisect_left(self.starts, b)]]
+
+
+def _emit(seg: _Segment, f: _File, max_tokens, overlap, path) -> list[Chunk]:
+    lines, counter = f.lines, f.counter
     text = "".join(lines[seg.start - 1:seg.end])
-    n = counter.count(text)
-    if n <= max_tokens:
-        return [Chunk(id=f"{path}:{seg.start}-{seg.end}", text=text, source=path, start_line=seg.start,
-                      end_line=seg.end, n_tokens=n, kind=seg.kind, name=seg.name)]
+    starts = f.token_starts(seg)
+    # in context a segment's token count differs from its own only at its two ends: far over the limit in
+    # context means over it alone, with no need to tokenize it again
+    if len(starts) <= max_tokens + 16:
+        n = counter.count(text)
+        if n <= max_tokens:
+            return [Chunk(id=f"{path}:{seg.start}-{seg.end}", text=text, source=path, start_line=seg.start,
+                          end_line=seg.end, n_tokens=n, kind=seg.kind, name=seg.name)]
     if isinstance(seg.node, ast.ClassDef) and seg.node.body:
         parts = _segments(seg.node.body, lines, seg.node.lineno + 1, seg.name + ".", "class")
         if parts[0].node is None:  # the class line(s) join the docstring/attributes run
             parts[0].start = seg.start
         else:
             parts.insert(0, _Segment(seg.start, parts[0].start - 1, "class", seg.name))
-        return [c for part in parts for c in _emit(part, lines, counter, max_tokens, overlap, path)]
+        return [c for part in parts for c in _emit(part, f, max_tokens, overlap, path)]
     seg_lines = lines[seg.start - 1:seg.end]
-    windows = _windows(text, counter, max_tokens, overlap, _code_cuts(seg_lines), _CODE_MIN_FILL, strip=False)
+    windows = _windows(text, counter, max_tokens, overlap, _code_cuts(seg_lines), _CODE_MIN_FILL, strip=False,
+                       starts=starts)
     return [_chunk(text, a, b, k, seg.start, path, seg.kind, seg.name) for a, b, k in windows]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cubelm.errors import CubelmError
 from cubelm.rag.chunking import Chunk, chunk_python, chunk_text
+from cubelm.rag.tokens import TokenCounter
 
 TEXT_SUFFIXES = (".md", ".rst", ".txt")
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", ".git", ".venv"}
@@ -61,6 +62,7 @@ def ingest(source: str, store, encode: Callable[[list[str]], object], tokenizer,
     """Chunk every file of ``source``, embed with ``encode(texts) -> (n, dim)`` and upsert into ``store``."""
     stats = IngestStats()
     pending: list[Chunk] = []
+    tokenizer = TokenCounter.of(tokenizer)  # one private copy of a truncating tokenizer, not one per file
 
     def flush() -> None:
         if pending:

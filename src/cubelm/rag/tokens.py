@@ -38,6 +38,11 @@ class TokenCounter:
                               "or an object with encode(text) -> ids")
         self.tokenizer = tokenizer
 
+    @classmethod
+    def of(cls, tokenizer) -> TokenCounter:
+        """``tokenizer`` itself when it is already a TokenCounter (callers chunking many files make one)."""
+        return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
+
     def _encode_ids(self, text: str) -> list[int]:
         try:
             return self.tokenizer.encode(text, add_special_tokens=False)
