@@ -29,7 +29,7 @@ class IngestOptions:
     ef_construction: int = opt(200, help="HNSW: beam width while building (efConstruction)")
     ef_search: int = opt(128, help="HNSW: beam width while searching (efSearch)")
     nlist: int = opt(0, help="IVF-PQ: inverted lists (0 = 4*sqrt(n), at most n/39)")
-    pq_m: int = opt(0, help="IVF-PQ: sub-quantizers, must divide the dimension (0 = dim/4)")
+    pq_m: int = opt(0, help="IVF-PQ: sub-quantizers, must divide the dimension (0 = dim/8)")
     nbits: int = opt(8, help="IVF-PQ: bits per sub-quantizer code")
     nprobe: int = opt(0, help="IVF-PQ: lists visited per query (0 = nlist/4, at least 8)")
     rescore: int = opt(-1, help="rescore rescore*k candidates with the float vectors (-1 = binary 10, ivfpq 4, "
