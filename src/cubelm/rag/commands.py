@@ -32,7 +32,7 @@ class IngestOptions:
     pq_m: int = opt(0, help="IVF-PQ: sub-quantizers, must divide the dimension (0 = dim/8)")
     nbits: int = opt(8, help="IVF-PQ: bits per sub-quantizer code")
     nprobe: int = opt(0, help="IVF-PQ: lists visited per query (0 = nlist/4, at least 8)")
-    rescore: int = opt(-1, help="rescore rescore*k candidates with the float vectors (-1 = binary 10, ivfpq 4, "
+    rescore: int = opt(-1, help="rescore rescore*k candidates with the float vectors (-1 = binary and ivfpq 10, "
                                 "else 0)")
     max_tokens: int = opt(0, help="tokens per chunk (0 = the embedder's limit, special tokens excluded, "
                                   "at most 256)")

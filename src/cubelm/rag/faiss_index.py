@@ -58,7 +58,7 @@ class IndexSpec:
     pq_m: int = 0  # PQ sub-quantizers (must divide dim); auto: dim/8 (8 dimensions per byte code)
     nbits: int = 8  # bits per PQ code
     nprobe: int = 0  # IVF lists visited per query; auto: nlist/4, at least 8
-    rescore: int = -1  # candidates rescored with float vectors = rescore * k; auto: binary 10, ivfpq 4, else 0
+    rescore: int = -1  # candidates rescored with float vectors = rescore * k; auto: binary and ivfpq 10, else 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,7 +78,7 @@ class IndexSpec:
     def effective_rescore(self) -> int:
         if self.rescore >= 0:
             return max(self.rescore, 1) if self.kind == "binary" else self.rescore  # Hamming alone is too coarse
-        return {"binary": 10, "ivfpq": 4}.get(self.kind, 0)
+        return {"binary": 10, "ivfpq": 10}.get(self.kind, 0)
 
     def resolved(self, dim: int, n: int) -> IndexSpec:
         """Automatic values filled in for ``n`` training vectors of ``dim``; checks the data can train it."""
