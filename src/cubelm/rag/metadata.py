@@ -58,7 +58,7 @@ class MetadataDB:
     def load(cls, path: Path) -> MetadataDB:
         conn = sqlite3.connect(":memory:")
         try:
-            src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            src = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
             src.backup(conn)
             src.close()
             conn.execute("SELECT count(*) FROM items").fetchone()

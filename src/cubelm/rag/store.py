@@ -53,6 +53,8 @@ def as_matrix(vectors, dim: int | None, what: str = "vectors") -> np.ndarray:
     if hasattr(vectors, "detach"):  # torch, without importing it
         vectors = vectors.detach().to("cpu").float().numpy()
     x = np.asarray(vectors, dtype=np.float32)
+    if x.size == 0 and dim is not None:  # an empty batch: nothing to add, nothing to search
+        return np.empty((0, dim), dtype=np.float32)
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
