@@ -342,7 +342,8 @@ def test_chroma_server_end_to_end(tmp_path, data, chroma_url):
                 if h.id in common:
                     assert h.text == common[h.id].text and h.metadata == common[h.id].metadata
                     assert abs(h.score - common[h.id].score) < 1e-4
-    assert store.get(["doc0"])[0].text == "replaced"
+    # replaced whole: Chroma's own upsert would have kept the old "n" key next to the new "source"
+    assert store.get(["doc0"])[0].text == "replaced" and store.get(["doc0"])[0].metadata == {"source": "u"}
     again = open_store(url)  # a new client sees the same collection, dim and info
     assert again.dim == DIM and again.info == {"embedder": "test"} and again.count() == store.count()
     with pytest.raises(CubelmError, match="no collection"):
