@@ -32,6 +32,8 @@ NOTES = "Release notes.\n\nThe teapot service brews oolong tea at ninety degrees
 
 class HashEmbedder:
     """Hashed bag of lowercase words -> L2-normalized vector (a real, if lexical, embedding for tests)."""
+    prompts = {"query": "", "passage": ""}
+    prompts_used: set = set()
 
     def __init__(self, name: str, dim: int) -> None:
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -42,6 +44,7 @@ class HashEmbedder:
 
     def encode(self, texts, *, prompt_name=None, dimensions=None, normalize=True):
         import torch
+        HashEmbedder.prompts_used.add(prompt_name)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         out[:, 0] = 1e-3  # no all-zero vector for a text without words
         for i, text in enumerate(texts):
@@ -79,7 +82,9 @@ def test_ingest_then_query_cites_file_lines(tmp_path, corpus, capsys, hash_embed
                        "--index-type", index_type, "--max-tokens", "40", "--overlap", "4")
     assert r.returncode == 0, r.stderr
     assert "from 2 files" in r.stdout  # tests/ is skipped
+    HashEmbedder.prompts_used.clear()
     hits = query(capsys, index, "how many zebras did the census count")
+    assert HashEmbedder.prompts_used == {"query"}  # the model's query prompt for queries (passage for chunks)
     top = hits[0]
     lines = ALPHA.splitlines()
     start = next(i for i, line in enumerate(lines, 1) if line.startswith("def frobnicate"))

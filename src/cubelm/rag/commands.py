@@ -91,13 +91,21 @@ def run_ingest(o: IngestOptions) -> int:
     def progress(s):
         print(f"\r{s.files} files, {s.chunks} chunks, {s.tokens:,} tokens", end="", file=sys.stderr, flush=True)
 
-    stats = ingest(o.source, store, lambda texts: emb.encode(texts), emb.tokenizer, max_tokens=max_tokens,
-                   overlap=o.overlap, batch_size=o.batch_size, max_files=o.max_files, progress=progress)
+    prompt = _prompt(emb, "passage", "document")  # e5/bge-style "passage: " prefixes when the model has them
+    stats = ingest(o.source, store, lambda texts: emb.encode(texts, prompt_name=prompt), emb.tokenizer,
+                   max_tokens=max_tokens, overlap=o.overlap, batch_size=o.batch_size, max_files=o.max_files,
+                   progress=progress)
     print(file=sys.stderr)
     store.save()
     print(f"indexed {stats.chunks} chunks ({stats.tokens:,} tokens) from {stats.files} files into {o.index} "
           f"({store.count()} items, {emb.name}, dim {emb.dim})")
     return 0
+
+
+def _prompt(emb, *names: str) -> str | None:
+    """The first of ``names`` the embedder has a prompt for (``config_sentence_transformers.json``), else None."""
+    prompts = getattr(emb, "prompts", None) or {}
+    return next((n for n in names if n in prompts), None)
 
 
 def _parse_where(items: list[str]) -> dict | None:
@@ -121,8 +129,7 @@ def run_query(o: QueryOptions) -> int:
     if emb.dim != store.dim:
         raise CubelmError(f"embedder {emb.name} gives {emb.dim}-dim vectors but {o.index} holds {store.dim}-dim "
                           f"ones (built with {store.info.get('embedder')!r})")
-    prompt = "query" if "query" in (getattr(emb, "prompts", None) or {}) else None
-    hits = store.search(emb.encode([o.text], prompt_name=prompt), o.k, where=_parse_where(o.where))[0]
+    hits = store.search(emb.encode([o.text], prompt_name=_prompt(emb, "query")), o.k, where=_parse_where(o.where))[0]
     if o.json_output:
         print(json.dumps([{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in hits],
                          indent=1, ensure_ascii=False))
