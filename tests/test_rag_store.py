@@ -169,6 +169,8 @@ def test_bad_input(tmp_path, data):
     store.save()
     with pytest.raises(CubelmError, match="64-dim vectors, not 128"):
         open_store(tmp_path / "a", dim=128)
+    with pytest.raises(CubelmError, match="is a 'flat' index, not 'hnsw'"):
+        open_store(tmp_path / "a", dim=DIM, index="hnsw")
     with pytest.raises(CubelmError, match="no index at"):
         open_store(tmp_path / "missing")
     with pytest.raises(CubelmError, match="at least 64 vectors to train"):

@@ -23,8 +23,8 @@ class IngestOptions:
     index: str = opt(help="index directory (created, or updated when it exists) or http://HOST:PORT/COLLECTION "
                           "(a Chroma server)")
     embedder: str = opt(DEFAULT_EMBEDDER, help="embedder name or model directory (cubelm.rag.embedder)")
-    index_type: str = opt("flat", help="faiss index of a new embedded index",
-                          choices=["flat", "hnsw", "ivfpq", "sq8", "binary"])
+    index_type: str | None = opt(None, help="faiss index type of a new embedded index (default: flat); an existing "
+                                            "index keeps its own", choices=["flat", "hnsw", "ivfpq", "sq8", "binary"])
     hnsw_m: int = opt(32, help="HNSW: neighbours per node (M)")
     ef_construction: int = opt(200, help="HNSW: beam width while building (efConstruction)")
     ef_search: int = opt(128, help="HNSW: beam width while searching (efSearch)")
@@ -62,6 +62,11 @@ def _load_embedder(name: str, device: str):
     return load_embedder(name, device=device)
 
 
+def _count(tokenizer, text: str) -> int:
+    from cubelm.rag.tokens import TokenCounter
+    return TokenCounter.of(tokenizer).count(text)
+
+
 def _special_tokens(tokenizer) -> int:
     """Tokens the tokenizer adds around any text ([CLS] ... [SEP] = 2), so chunks leave room for them."""
     from cubelm.rag.tokens import TokenCounter
@@ -75,9 +80,13 @@ def run_ingest(o: IngestOptions) -> int:
 
     source_root(o.source)  # a bad --source fails before the embedder loads
     emb = _load_embedder(o.embedder, o.device)
-    max_tokens = o.max_tokens or min(emb.max_tokens, 256) - _special_tokens(emb.tokenizer)
-    if max_tokens + _special_tokens(emb.tokenizer) > emb.max_tokens:
-        raise CubelmError(f"--max-tokens {o.max_tokens} is over the embedder's limit of {emb.max_tokens} tokens")
+    prompt = _prompt(emb, "passage", "document")  # e5/bge-style "passage: " prefixes when the model has them
+    # room for [CLS]/[SEP] and the prompt (+1: a prompt and a chunk can tokenize one token longer joined)
+    reserve = _special_tokens(emb.tokenizer) + (_count(emb.tokenizer, emb.prompts[prompt]) + 1 if prompt else 0)
+    max_tokens = o.max_tokens or min(emb.max_tokens, 256) - reserve
+    if max_tokens + reserve > emb.max_tokens:
+        raise CubelmError(f"--max-tokens {max_tokens} + {reserve} special/prompt tokens is over the embedder's "
+                          f"limit of {emb.max_tokens} tokens")
     info = {"embedder": emb.name, "dim": emb.dim, "max_tokens": max_tokens, "overlap": o.overlap,
             "source": o.source}
     params = dict(hnsw_m=o.hnsw_m, ef_construction=o.ef_construction, ef_search=o.ef_search, nlist=o.nlist,
@@ -91,11 +100,12 @@ def run_ingest(o: IngestOptions) -> int:
     def progress(s):
         print(f"\r{s.files} files, {s.chunks} chunks, {s.tokens:,} tokens", end="", file=sys.stderr, flush=True)
 
-    prompt = _prompt(emb, "passage", "document")  # e5/bge-style "passage: " prefixes when the model has them
+    tty = sys.stderr.isatty()
     stats = ingest(o.source, store, lambda texts: emb.encode(texts, prompt_name=prompt), emb.tokenizer,
                    max_tokens=max_tokens, overlap=o.overlap, batch_size=o.batch_size, max_files=o.max_files,
-                   progress=progress)
-    print(file=sys.stderr)
+                   progress=progress if tty else None)
+    if tty:
+        print(file=sys.stderr)
     store.save()
     print(f"indexed {stats.chunks} chunks ({stats.tokens:,} tokens) from {stats.files} files into {o.index} "
           f"({store.count()} items, {emb.name}, dim {emb.dim})")

@@ -112,6 +112,9 @@ def open_store(path_or_url, *, dim: int | None = None, index: str | None = None,
             raise CubelmError(f"an index already exists at {path_or_url}")
         if exists or create is False or dim is None:
             store = FaissStore.open(path_or_url)
+            if index is not None and store.spec.kind != index:
+                raise CubelmError(f"the index at {path_or_url} is a {store.spec.kind!r} index, not {index!r}; "
+                                  "rebuild it into a new directory to change its type")
         else:
             store = FaissStore.create(path_or_url, dim, IndexSpec(kind=index or "flat", **index_params), info=info)
     if dim is not None and store.dim != dim:
