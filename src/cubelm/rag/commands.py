@@ -44,7 +44,7 @@ class IngestOptions:
 
 @dataclass(slots=True, kw_only=True)
 class QueryOptions:
-    text: str = opt(help="the query", flag="text")
+    text: str = opt(help="the query", flag="TEXT")
     index: str = opt(help="index directory or http://HOST:PORT/COLLECTION")
     k: int = opt(5, flag="-k", help="number of chunks to return")
     where: list[str] = opt([], help="metadata filter KEY=VALUE (repeatable; all must hold), "
