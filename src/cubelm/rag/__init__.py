@@ -1,1 +1,4 @@
-"""Retrieval-augmented generation: chunking, embedders, vector stores, retrieval (issue 14)."""
+"""Embeddings, vector stores and retrieval-augmented generation (book §3.3.2, §6.1.3, §6.1.7).
+
+``embedder`` (encoders and decoders as text embedders), ``pooling``, ``vectors`` (truncation, normalization,
+quantization), ``batcher`` (adaptive batching for /v1/embeddings)."""
