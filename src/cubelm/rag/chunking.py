@@ -97,6 +97,8 @@ def _windows(text: str, counter: TokenCounter, max_tokens: int, overlap: int, cu
     overlap starts at a line start. ``starts``: token start positions, when the caller has them already."""
     starts = [s for s, _ in counter.spans(text)] if starts is None else starts
     positions = sorted(cuts)
+    start_level = _WORD if strip else _LINE
+    start_positions = [c for c in positions if cuts[c] >= start_level]  # where a next window may begin
     pos = len(text) - len(text.lstrip()) if strip else 0
     out = []
     while pos < len(text):
@@ -106,13 +108,11 @@ def _windows(text: str, counter: TokenCounter, max_tokens: int, overlap: int, cu
         else:
             limit = starts[first + max_tokens]  # [pos, limit) holds max_tokens tokens in context
             end = _best_cut(positions, cuts, min_fill, pos, limit, starts, first, max_tokens) or limit
-        end, n = _fit(text, counter, max_tokens, pos, end, positions, cuts, _WORD if strip else _LINE, starts, strip)
+        end, n = _fit(text, counter, max_tokens, pos, end, positions, cuts, start_level, starts, strip)
         out.append((pos, end, n))
         if end >= (len(text.rstrip()) if strip else len(text)):
             break
-        start_level = _WORD if strip else _LINE
-        pos = _next_start(text, counter, overlap, pos, end, [c for c in positions if cuts[c] >= start_level],
-                          starts, strip)
+        pos = _next_start(text, counter, overlap, pos, end, start_positions, starts, strip)
     return out
 
 
@@ -135,7 +135,7 @@ def _fit(text, counter, max_tokens, pos, end, positions, cuts, fit_level, starts
             return stop, n
         earlier = positions[bisect.bisect_right(positions, pos):bisect.bisect_left(positions, end)]
         preferred = [c for c in earlier if cuts[c] >= fit_level]  # code: stay on line starts
-        inner = [s for s in starts if pos < s < end]
+        inner = [s for s in starts[bisect.bisect_right(starts, pos):bisect.bisect_left(starts, end)] if s > pos]
         end = (preferred or earlier or inner or [end - 1])[-1]
 
 
@@ -147,7 +147,8 @@ def _next_start(text, counter, overlap, pos, end, positions, starts, strip) -> i
         j = bisect.bisect_left(starts, end)
         target = starts[max(j - overlap, 0)]
         lo = bisect.bisect_left(positions, max(target, pos + 1))
-        nxt = next((c for c in positions[lo:] if c < end and counter.count(text[c:end]) <= overlap), end)
+        hi = bisect.bisect_left(positions, end)
+        nxt = next((c for c in positions[lo:hi] if counter.count(text[c:end]) <= overlap), end)
     while strip and nxt < len(text) and text[nxt].isspace():
         nxt += 1
     return nxt
