@@ -54,11 +54,13 @@ class FaissStore:
         snap, manifest = read_snapshot(path)
         if manifest.get("backend") != cls.backend:
             raise CubelmError(f"{path} is a {manifest.get('backend')!r} index, not an embedded faiss one")
-        dim, spec = manifest["dim"], IndexSpec(**manifest["spec"])
+        try:
+            dim, spec, resolved = manifest["dim"], IndexSpec(**manifest["spec"]), IndexSpec(**manifest["resolved"])
+        except (KeyError, TypeError, CubelmError):
+            raise CubelmError(f"{snap / 'manifest.json'} does not describe a faiss index; rebuild the index") from None
         db = MetadataDB.load(snap / ITEMS_FILE)
         if INDEX_FILE in manifest["files"]:
-            index = FaissIndex.from_bytes(IndexSpec(**manifest["resolved"]), dim,
-                                          (snap / INDEX_FILE).read_bytes(), str(snap / INDEX_FILE))
+            index = FaissIndex.from_bytes(resolved, dim, (snap / INDEX_FILE).read_bytes(), str(snap / INDEX_FILE))
         else:
             index = FaissIndex(spec, dim)
         return cls(Path(path), dim, spec, db, index, manifest.get("info", {}))
