@@ -275,6 +275,16 @@ def test_corrupt_files_are_one_line_errors(tmp_path, data, capsys):
     assert "\n" not in str(e.value)
     r = cli_in_process(capsys, "rag", "query", "--index", tmp_path / "nowhere", "hello")
     assert_clean_error(r, "no index at")
+    # the item database and the manifest are checked the same way
+    _fill(tmp_path / "ix2", x, 20)
+    snap2 = tmp_path / "ix2" / (tmp_path / "ix2" / "CURRENT").read_text()
+    with open(snap2 / "items.sqlite", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CubelmError, match="items.sqlite is corrupt"):
+        FaissStore.open(tmp_path / "ix2")
+    (snap2 / "manifest.json").write_text("{")
+    with pytest.raises(CubelmError, match="manifest.json is missing or corrupt"):
+        FaissStore.open(tmp_path / "ix2")
 
 
 # ---- the server backend: a real `chroma run` on loopback ---------------------------------------------------------
