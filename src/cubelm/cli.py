@@ -90,6 +90,10 @@ VERBS: list[Verb] = [
          "cubelm.compress.deep_commands:DeepOptions:run_deep"),
     Verb("compress report", "Every compression method on one model: bytes, held-out bits/byte, engine tok/s; PNG.",
          "cubelm.compress.report_commands:ReportOptions:run_report"),
+    Verb("rag ingest", "Chunk a directory or the stdlib, embed the chunks and write a vector index (faiss or Chroma).",
+         "cubelm.rag.commands:IngestOptions:run_ingest"),
+    Verb("rag query", "Search a vector index with a text query: top-k chunks with scores and file:line citations.",
+         "cubelm.rag.commands:QueryOptions:run_query"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -108,6 +112,7 @@ _GROUPS = {
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
 }
 
