@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
+import time
 
 import httpx
 import numpy as np
@@ -374,5 +376,54 @@ def test_rate_limit_is_shared_with_openai_routes(model_dir):
             with pytest.raises(grpc.RpcError) as e:
                 Stub(ch).ModelInfer(infer_request("a"), metadata=tuple(auth().items()))
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        p.stop()
+
+
+# ---- lifecycle ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [True, False])
+def test_grpc_cancel_aborts_and_frees_blocks(inprocess_server, stream):
+    from tests.serve.test_lifecycle import engine_idle, wait_for
+    s = inprocess_server(grpc_port=free_port())
+    bm = s.state.engine.block_manager
+    long = infer_request("def add(", {"max_tokens": 600, "ignore_eos": True}, **({"stream": True} if stream else {}))
+    with grpc.insecure_channel(f"127.0.0.1:{s.state.options.grpc_port}") as ch:
+        if stream:
+            call = Stub(ch).ModelStreamInfer(iter([long]))
+            assert next(call).infer_response.outputs  # generation is under way
+            assert bm.num_free_blocks < bm.num_blocks
+            call.cancel()
+        else:
+            with pytest.raises(grpc.RpcError) as e:
+                Stub(ch).ModelInfer(long, timeout=0.5)  # the client's deadline cancels the call on the server
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: engine_idle(s.state)), f"{bm.num_blocks - bm.num_free_blocks} blocks still held"
+    bm.check_whole()
+    gen = s.state.engine.num_generated_tokens
+    assert gen < 600
+    time.sleep(0.3)
+    assert s.state.engine.num_generated_tokens == gen  # nothing keeps generating for a client that is gone
+
+
+def test_sigterm_drains_grpc_stream_then_exits_zero(model_dir):
+    p = V2Server(model_dir, "--shutdown-timeout", "60").start()
+    try:
+        pr, md = protocol(), tuple(auth().items())
+        with grpc.insecure_channel(p.grpc_target) as ch:
+            stub = Stub(ch)
+            responses = stub.ModelStreamInfer(iter([infer_request("def add(", {"max_tokens": 150, "ignore_eos": True},
+                                                                  stream=True)]), metadata=md, timeout=60)
+            pieces = [next(responses)]
+            p.proc.send_signal(signal.SIGTERM)
+            from tests.serve.test_lifecycle import wait_for
+            assert wait_for(lambda: not stub.ServerReady(pr.ServerReadyRequest()).ready, 5)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(infer_request("x"), metadata=md)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+            pieces += list(responses)  # the stream in flight runs to its end
+        assert not any(m.error_message for m in pieces)
+        assert pieces[-1].infer_response.parameters["triton_final_response"].bool_param
+        assert pieces[-1].infer_response.parameters["finish_reason"].string_param == "length"
+        assert p.proc.wait(30) == 0
     finally:
         p.stop()
