@@ -355,12 +355,14 @@ def test_rest_generate_and_generate_stream(server):
 def test_metrics_count_v2_requests_by_protocol(server, stub):
     stub.ServerLive(protocol().ServerLiveRequest())
     httpx.get(f"{server.base}/v2/health/live")
+    assert rest_infer(server, [TEXT], model="unknown-name").status_code == 404
     seen = set()
     for fam in text_string_to_metric_families(httpx.get(f"{server.base}/metrics").text):
         if fam.name == "cubelm:v2_requests":
             seen |= {(s.labels["protocol"], s.labels["endpoint"], s.labels["code"]) for s in fam.samples
                      if s.value > 0}
-    assert {("grpc", "ServerLive", "OK"), ("http", "live", "200")} <= seen
+    assert {("grpc", "ServerLive", "OK"), ("http", "live", "200"), ("http", "infer", "404")} <= seen
+    assert not any("unknown-name" in label for labels in seen for label in labels)  # model names are no labels
 
 
 def test_rate_limit_is_shared_with_openai_routes(model_dir):

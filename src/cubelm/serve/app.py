@@ -193,8 +193,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
         """OpenAI's error shape, or on a KServe V2 path the protocol's ``{"error": "..."}``."""
         path = request.url.path
         if path == "/v2" or path.startswith("/v2/"):
-            from cubelm.serve.v2.core import v2_metrics
-            v2_metrics(state).count("http", path.rsplit("/", 1)[-1], status)
+            from cubelm.serve.v2.core import http_endpoint, v2_metrics
+            v2_metrics(state).count("http", http_endpoint(path), status)
             body = {"error": body["error"]["message"]}
         return JSONResponse(body, status_code=status, headers=headers)
 

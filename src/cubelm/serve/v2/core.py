@@ -146,6 +146,21 @@ class V2Metrics:
         self.requests.labels(self.model_name, protocol, endpoint, str(code)).inc()
 
 
+def http_endpoint(path: str) -> str:
+    """The metrics label of a /v2 path (never a model name: clients choose those, and labels must stay few)."""
+    parts = path.strip("/").split("/")
+    if parts == ["v2"]:
+        return "server_metadata"
+    if parts[:2] == ["v2", "health"] and len(parts) == 3 and parts[2] in ("live", "ready"):
+        return parts[2]
+    if parts[:2] == ["v2", "models"] and len(parts) == 3:
+        return "model_metadata"
+    if parts[:2] == ["v2", "models"] and len(parts) == 4 and parts[3] in ("ready", "infer", "generate",
+                                                                           "generate_stream"):
+        return "model_ready" if parts[3] == "ready" else parts[3]
+    return "other"
+
+
 def v2_metrics(state) -> V2Metrics:
     """One ``V2Metrics`` per server (the REST routes and the gRPC server share it)."""
     m = getattr(state, "v2_metrics", None)
