@@ -11,6 +11,11 @@ capacity), DEADLINE_EXCEEDED (--request-timeout). ModelStreamInfer runs the requ
 a request with ``stream`` true is answered by one response per piece of text, the last marked with the parameter
 ``triton_final_response`` (or followed by an empty final response when the request sets
 ``triton_enable_empty_final_response``, as Triton does); an error ends that request with ``error_message``.
+
+NOTE: §6.3.3 promises "orders of magnitude" lower latency from gRPC because protobuf "compresses" payloads. It is
+a compact encoding, not compression, and an LLM request is a few KB of text: ``benchmarks/v2_transport.py``
+measures gRPC 5-10% faster than REST on a one-token completion and the same bytes for a 2000-character prompt
+(docs/benchmarks.md). gRPC is here for its streaming RPC, typed contract and clients, not for speed on text.
 """
 
 from __future__ import annotations
