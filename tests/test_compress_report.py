@@ -14,9 +14,11 @@ def report(tmp_path_factory):
     held = root / "held.py"
     held.write_text("def area(w, h):\n    return w * h\n\n\nclass Box:\n    size = 3\n" * 4)
     from cubelm.cli import main
+    from cubelm.compress.report import METHODS
+    methods = ",".join(m for m in METHODS if m != "distill")  # distillation trains a student: tests/test_distill.py
     code = main(["compress", "report", "--model", str(src), "--out", str(root / "out"), "--source", str(held),
-                 "--recover-steps", "0", "--calib", "4", "--calib-len", "32", "--rounds", "1", "--batch", "2",
-                 "--prompt-tokens", "8", "--new-tokens", "6"])
+                 "--methods", methods, "--recover-steps", "0", "--calib", "4", "--calib-len", "32", "--rounds", "1",
+                 "--batch", "2", "--prompt-tokens", "8", "--new-tokens", "6"])
     assert code == 0
     return src, held, root / "out", json.loads((root / "out" / "report.json").read_text())
 
@@ -67,6 +69,20 @@ def test_report_files_and_claims(report):
     claims = " ".join(rep["claims"])
     assert "int8 weight-only" in claims and "Deep Compression" in claims and "2:4" in claims
     assert "CPU capability" in rep["host"]  # the report records the host it ran on
+
+
+def test_report_reuse_keeps_outputs(report):
+    """--reuse takes each method's saved rows (sizes, quality) and files instead of running it again."""
+    from cubelm.cli import main
+    src, held, out, rep = report
+    stamp = (out / "deep" / "model.safetensors").stat().st_mtime_ns
+    assert main(["compress", "report", "--model", str(src), "--out", str(out), "--source", str(held),
+                 "--methods", "int8,deep", "--reuse", "--no-speed"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert (out / "deep" / "model.safetensors").stat().st_mtime_ns == stamp
+    before = {r["method"]: (r["bytes"], r["bpb"]) for r in rep["rows"]}
+    assert {r["method"]: (r["bytes"], r["bpb"]) for r in again["rows"]} == {
+        k: before[k] for k in ("original", "int8 weight-only", "Deep Compression")}
 
 
 @pytest.mark.parametrize("args, needle", [

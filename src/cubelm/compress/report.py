@@ -12,6 +12,7 @@ path to time, and nothing is written (the bytes shown are the per-channel int8 l
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class Row:
     bpb: float | None = None
     engine: bool = True  # False: no engine path (W8A8 is emulated)
     note: str = ""
+    method_key: str = ""  # the METHODS entry that produced the row
     decode: list[float] = field(default_factory=list)  # batch-1 tok/s per round
     batched: list[float] = field(default_factory=list)  # throughput tok/s per round
 
@@ -134,6 +136,22 @@ def _deep(src: Path, out: Path, o) -> list[Row]:
                 note="bytes = the Huffman container; speed = the decoded dense model")]
 
 
+def _distill(src: Path, out: Path, o) -> list[Row]:
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from cubelm.compress.distill_commands import DistillOptions, run_distill
+    with redirect_stdout(StringIO()):
+        run_distill(DistillOptions(teacher=str(src), student=o.distill_student, out=str(out), data=o.data,
+                                   max_steps=o.distill_steps, seq_len=128, micro_batch_size=16, seed=o.seed,
+                                   progress=False))
+    from cubelm.model.hf_io import read_config_json
+    n = read_config_json(out).num_params()
+    return [Row(name="distilled student", params=f"{o.distill_student} ({n:,} parameters), {o.distill_steps} steps "
+                                                 f"x 2,048 tokens, α 0.5, T 2",
+                model_dir=out, bytes=weights_bytes(out), note="a smaller model trained against the original's logits")]
+
+
 METHODS: dict[str, Callable] = {
     "original": _original,
     "int8": _quantized("int8", None),
@@ -147,6 +165,7 @@ METHODS: dict[str, Callable] = {
     "share": _share,
     "w8a8": _w8a8,
     "deep": _deep,
+    "distill": _distill,
 }
 
 
@@ -168,13 +187,20 @@ def _dtype_of(src: Path) -> str:
 # --- measurement ----------------------------------------------------------------------------------------------------
 
 def build_rows(src: Path, out: Path, o, log=print) -> list[Row]:
+    """Run each method into ``out/<method>/``; with ``o.reuse``, a method whose rows were saved by an earlier report
+    (``out/<method>.rows.json``, its outputs still there) is not run again."""
     rows: list[Row] = []
     for name in check_methods(o.methods):
-        log(f"[cubelm] report: {name} ...")
         target = out / name.replace(":", "_")
-        if name != "original" and target.exists():
-            shutil.rmtree(target)
-        for row in METHODS[name](src, target, o):
+        saved = _saved_rows(out, name) if o.reuse else None
+        if saved is not None:
+            log(f"[cubelm] report: {name}: reusing {target}")
+        else:
+            log(f"[cubelm] report: {name} ...")
+            if name != "original" and target.exists():
+                shutil.rmtree(target)
+        for row in saved if saved is not None else METHODS[name](src, target, o):
+            row.method_key = name
             if any((r.name, r.params) == (row.name, row.params) for r in rows):
                 shutil.rmtree(target)  # e.g. magnitude-recovered with --recover-steps 0: the magnitude row again
                 continue
@@ -182,7 +208,22 @@ def build_rows(src: Path, out: Path, o, log=print) -> list[Row]:
     return rows
 
 
-def measure_quality(rows: list[Row], held, log=print) -> None:
+def _saved_rows(out: Path, method: str) -> list[Row] | None:
+    path = out / f"{method.replace(':', '_')}.rows.json"
+    if not path.is_file():
+        return None
+    rows = []
+    for d in json.loads(path.read_text()):
+        d["model_dir"] = Path(d["model_dir"]) if d["model_dir"] else None
+        if d["model_dir"] is not None and not d["model_dir"].is_dir():
+            return None
+        rows.append(Row(**d))
+    return rows
+
+
+def measure_quality(rows: list[Row], held, out: Path, log=print) -> None:
+    """Held-out bits per byte of every row that has a model; each method's rows are then saved for ``--reuse``
+    (sizes and quality only: speed is measured afresh in every report, interleaved)."""
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.eval.bpb import model_bpb
     from cubelm.model.hf_io import load_model
@@ -190,23 +231,34 @@ def measure_quality(rows: list[Row], held, log=print) -> None:
         if r.bpb is None and r.model_dir is not None:
             r.bpb = model_bpb(load_model(r.model_dir), load_tokenizer(r.model_dir), held.texts)
             log(f"[cubelm] report: {r.name}: {r.bpb:.4f} bits per byte")
+    for key in dict.fromkeys(r.method_key for r in rows):
+        keep = [{"name": r.name, "params": r.params, "model_dir": str(r.model_dir) if r.model_dir else None,
+                 "bytes": r.bytes, "bpb": r.bpb, "engine": r.engine, "note": r.note}
+                for r in rows if r.method_key == key]
+        (out / f"{key.replace(':', '_')}.rows.json").write_text(json.dumps(keep, indent=2) + "\n")
+
+
+def speed_clock() -> str:
+    """With one thread, rates come from the process's CPU time per decode step: immune to the time slices a shared
+    machine gives to other jobs (not to their use of the memory bandwidth). With more threads, wall time (idle
+    OpenMP threads spin, so CPU time would not be the elapsed time)."""
+    import torch
+    return "cpu" if torch.get_num_threads() == 1 else "wall"
 
 
 def measure_speed(rows: list[Row], o, log=print) -> None:
-    """``o.rounds`` interleaved rounds: in each, every engine row decodes batch 1 and then the batched workload,
-    each on freshly loaded weights (the engine lays them out for decode in place)."""
+    """``o.rounds`` interleaved rounds: in each, every engine row decodes batch 1 and then ``o.batch`` sequences,
+    each on freshly loaded weights (the engine lays them out for decode in place). Rates are of the decode phase."""
     from cubelm.engine.bench import BenchDecodeOptions, measure_round
     from cubelm.model.hf_io import load_model
-    single = BenchDecodeOptions(model="x", batch=1, prompt_tokens=o.prompt_tokens, new_tokens=o.new_tokens,
-                                seed=o.seed)
-    batched = BenchDecodeOptions(model="x", batch=o.batch, prompt_tokens=o.prompt_tokens,
-                                 new_tokens=o.new_tokens, seed=o.seed)
+    clock = speed_clock()
     for i in range(o.rounds):
         for r in rows:
             if not r.engine or r.model_dir is None:
                 continue
-            r.decode.append(measure_round(load_model(r.model_dir), single)["decode_tok_s"])
-            res = measure_round(load_model(r.model_dir), batched)
-            # throughput of the whole workload: prefill included, as a server sees it
-            r.batched.append(o.batch * o.new_tokens / (res["prefill_s"] + res["decode_s"]))
+            for batch, rates in ((1, r.decode), (o.batch, r.batched)):
+                opts = BenchDecodeOptions(model="x", batch=batch, prompt_tokens=o.prompt_tokens,
+                                          new_tokens=o.new_tokens, seed=o.seed)
+                res = measure_round(load_model(r.model_dir), opts)
+                rates.append(batch * 1e3 / res["step_cpu_ms"] if clock == "cpu" else res["decode_tok_s"])
         log(f"[cubelm] report: speed round {i + 1}/{o.rounds} done")

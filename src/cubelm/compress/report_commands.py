@@ -22,8 +22,8 @@ class ReportOptions:
     out: str = opt(help="output directory: one subdirectory per method, report.json, report.md, report.png",
                    metavar="DIR")
     methods: str = opt("all", help="comma-separated subset of: int8, int4, magnitude, magnitude-recovered, "
-                                   "2:4-recovered, heads, neurons-recovered, lowrank, share, w8a8, deep (the "
-                                   "original is always measured)")
+                                   "2:4-recovered, heads, neurons-recovered, lowrank, share, w8a8, deep, distill "
+                                   "(the original is always measured)")
     source: str = opt("package:tqdm", help="held-out text: package:NAME or a path (as cubelm eval bpb)")
     max_bytes: int = opt(200_000, help="held-out bytes to score")
     data: str | None = opt(None, help="recovery data for the pruning rows (default: the model's training data)",
@@ -31,12 +31,16 @@ class ReportOptions:
     recover_steps: int = opt(100, help="recovery fine-tuning steps of the *-recovered pruning rows")
     lowrank_energy: float = opt(0.9, help="low-rank row: kept singular-value energy")
     share_groups: int = opt(2, help="layer-sharing row: number of weight sets")
+    distill_student: str = opt("nano", help="distillation row: the student preset (same tokenizer as the model)")
+    distill_steps: int = opt(150, help="distillation row: training steps of 16 x 128 tokens")
     calib: int = opt(64, help="W8A8 rows: calibration sequences (SmoothQuant, outlier report)")
     calib_len: int = opt(256, help="W8A8 rows: tokens per calibration sequence")
     rounds: int = opt(3, help="interleaved speed rounds (medians reported)")
     batch: int = opt(16, help="batched-throughput row: sequences decoded together")
     prompt_tokens: int = opt(64, help="prompt tokens per sequence in the speed runs (seeded random ids)")
     new_tokens: int = opt(64, help="tokens generated per sequence in the speed runs")
+    reuse: bool = opt(False, help="reuse the methods' outputs, sizes and quality saved by an earlier report in --out "
+                                  "(speed is always measured again)")
     speed: bool = opt(True, help="measure decode speed (off: sizes and quality only)")
     seed: int = opt(0, help="recovery data order and prompt ids")
     json: bool = opt(False, help="print report.json instead of the table")
@@ -46,7 +50,7 @@ class ReportOptions:
         check_methods(self.methods)
         if not 0 < self.lowrank_energy <= 1:
             raise CubelmError(f"--lowrank-energy must be in (0, 1], got {self.lowrank_energy}")
-        for name in ("rounds", "batch", "prompt_tokens", "share_groups", "calib"):
+        for name in ("rounds", "batch", "prompt_tokens", "share_groups", "calib", "distill_steps"):
             if getattr(self, name) < 1:
                 raise CubelmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2 or self.recover_steps < 0 or self.calib_len < 2:
@@ -54,7 +58,7 @@ class ReportOptions:
 
 
 def run_report(o: ReportOptions) -> int:
-    from cubelm.compress.report import build_rows, measure_quality, measure_speed
+    from cubelm.compress.report import build_rows, measure_quality, measure_speed, speed_clock
     from cubelm.engine.commands import resolve_model_dir
     from cubelm.eval.bpb import held_out_package, held_out_path
     from cubelm.systems.host import describe_host, host_info
@@ -65,14 +69,14 @@ def run_report(o: ReportOptions) -> int:
             else held_out_path(o.source, o.max_bytes))
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(src, out, o)
-    measure_quality(rows, held)
+    measure_quality(rows, held, out)
     if o.speed:
         measure_speed(rows, o)
     source_bpb = rows[0].bpb
     report = {"model": str(src), "host": describe_host(host_info()), "held_out": held.name,
               "held_out_bytes": held.num_bytes,
               "speed": {"rounds": o.rounds, "batch": o.batch, "prompt_tokens": o.prompt_tokens,
-                        "new_tokens": o.new_tokens} if o.speed else None,
+                        "new_tokens": o.new_tokens, "clock": speed_clock()} if o.speed else None,
               "rows": [r.as_dict(source_bpb) for r in rows]}
     report["claims"] = claims(report["rows"])
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -97,9 +101,11 @@ def table(report: dict) -> str:
              f"{report['held_out_bytes']:,} bytes; {report['host']}"]
     if report["speed"]:
         s = report["speed"]
-        lines.append(f"speed: cubelm engine, {s['rounds']} interleaved rounds (medians); batch 1 and batch "
-                     f"{s['batch']}, {s['prompt_tokens']} + {s['new_tokens']} tokens per sequence; ratios vs the "
-                     f"original row of this run")
+        clock = ("tokens per CPU-second of the one-thread process (immune to time slices lost on a shared host)"
+                 if s["clock"] == "cpu" else "wall-clock tok/s")
+        lines.append(f"speed: cubelm engine, decode phase, {clock}; {s['rounds']} interleaved rounds (medians); "
+                     f"batch 1 and batch {s['batch']}, {s['prompt_tokens']} + {s['new_tokens']} tokens per sequence; "
+                     f"ratios vs the original row of this run")
     lines += ["", "| method | parameters | bytes on disk | size | bits/byte | Δ | batch-1 tok/s | batch "
               f"{report['speed']['batch'] if report['speed'] else '-'} tok/s |",
               "|---|---|---|---|---|---|---|---|"]
