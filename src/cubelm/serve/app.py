@@ -4,8 +4,10 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 ``POST /detokenize``, ``POST /v1/embeddings`` (``cubelm.serve.embeddings``; with ``--task embed`` the only model
 route), ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
 (Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
-``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``). A request's ``model`` is the base model or an adapter. The model loads in a background thread so that ``/health`` and ``/ready``
-answer from the first second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
+``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``); KServe V2 under ``/v2`` (``cubelm.serve.v2``, also over
+gRPC with ``--grpc-port``). A request's ``model`` is the base model or an adapter. The model loads in a background
+thread so that ``/health`` and ``/ready`` answer from the first second. Build one with
+``create_app(ServerState(options))``; ``cubelm serve`` runs it.
 Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -29,8 +30,8 @@ from cubelm.serve.lora import add_lora_routes, model_card
 from cubelm.serve.openapi import errors, install_openapi, ok
 from cubelm.serve.embeddings import add_embedding_routes
 from cubelm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                                   TokenizeRequest, chat_messages, new_id, now_s)
-from cubelm.serve.serving import Job, Responder, submit_all
+                                   TokenizeRequest, chat_messages, now_s)
+from cubelm.serve.serving import Responder, admit, encode_prompt
 from cubelm.serve.state import ServerState
 from cubelm.serve.streaming import SSEResponse, until_disconnect
 
@@ -45,7 +46,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=state.load, name="cubelm-load", daemon=True)
         loader.start()
+        grpc_server = None
+        if state.options.grpc_port:  # KServe V2 over gRPC, on this event loop, sharing the engine
+            from cubelm.serve.v2.grpc_server import start_grpc_server
+            grpc_server = await start_grpc_server(state, state.options.host, state.options.grpc_port)
         yield
+        if grpc_server is not None:  # the drain is over: finish what is still running for a moment, then stop
+            await grpc_server.stop(grace=5)
         # A SIGTERM while the model loads must wait for the load: the interpreter exiting under a thread that is
         # inside torch's C++ code aborts the process ("terminate called without an active exception", exit 134).
         await asyncio.to_thread(loader.join)
@@ -102,6 +109,8 @@ def create_app(state: ServerState) -> FastAPI:
     _add_generation_routes(app, state, client_id)
     if state.options.enable_runtime_lora:
         add_lora_routes(app, state, client_id)
+    from cubelm.serve.v2.rest import add_v2_routes
+    add_v2_routes(app, state, client_id)
     return app
 
 
@@ -109,7 +118,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState, client_id) -> None:
     @app.post("/v1/completions", summary="Text completion (OpenAI)", responses=GENERATE_RESPONSES)
     async def completions(req: CompletionRequest, request: Request, client: str = Depends(client_id)):
         adapter = _check_request(state, req)
-        prompts = [_encode(state, p, add_special_tokens=True) if isinstance(p, str) else list(p)
+        prompts = [encode_prompt(state, p, add_special_tokens=True) if isinstance(p, str) else list(p)
                    for p in req.prompts()]
         return await _generate(state, req, request, client, prompts, chat=False,
                                max_tokens=req.max_tokens, logprobs=req.logprobs, adapter=adapter)
@@ -118,7 +127,7 @@ def _add_generation_routes(app: FastAPI, state: ServerState, client_id) -> None:
               responses=GENERATE_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, client: str = Depends(client_id)):
         adapter = _check_request(state, req)
-        ids = _encode(state, _render_chat(state, req.chat_messages()), add_special_tokens=False)
+        ids = encode_prompt(state, _render_chat(state, req.chat_messages()), add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(state, req, request, client, [ids], chat=True,
                                max_tokens=req.requested_max_tokens(), logprobs=logprobs, adapter=adapter)
@@ -131,9 +140,9 @@ def _add_generation_routes(app: FastAPI, state: ServerState, client_id) -> None:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
-            ids = _encode(state, req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = encode_prompt(state, req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = _encode(state, _render_chat(state, chat_messages(req.messages), req.add_generation_prompt),
+            ids = encode_prompt(state, _render_chat(state, chat_messages(req.messages), req.add_generation_prompt),
                           add_special_tokens=False)
         return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
 
@@ -169,14 +178,6 @@ def _check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
         raise APIError(400, f"{param}: token ids must be in [0, {vocab}), got {bad[:5]}", param=param)
 
 
-def _encode(state: ServerState, text: str, *, add_special_tokens: bool) -> list[int]:
-    if len(text) > state.max_prompt_chars:
-        raise APIError(400, f"the prompt has {len(text):,} characters, more than any {state.engine.max_model_len:,}"
-                            f"-token context can hold with this tokenizer; shorten it", param="prompt",
-                       code="context_length_exceeded")
-    return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-
 def _render_chat(state: ServerState, messages: list[dict], add_generation_prompt: bool = True) -> str:
     if sum(len(m["content"]) for m in messages) > state.max_prompt_chars:
         raise APIError(400, f"the messages are longer than any {state.engine.max_model_len:,}-token context can "
@@ -189,29 +190,9 @@ def _render_chat(state: ServerState, messages: list[dict], add_generation_prompt
 
 async def _generate(state: ServerState, req, request: Request, client: str, prompts: list[list[int]], *,
                     chat: bool, max_tokens: int | None, logprobs: int | None, adapter=None):
-    received = time.monotonic()
-    max_len = state.engine.max_model_len
-    longest = max(len(ids) for ids in prompts)
-    if max_tokens is None:  # chat's default: whatever the context leaves
-        max_tokens = max(1, max_len - longest)
-    for ids in prompts:
-        if len(ids) + max_tokens > max_len:
-            raise APIError(400, f"this model's maximum context length is {max_len} tokens, but you requested "
-                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
-                                f"completion); shorten the prompt or lower max_tokens",
-                           param="max_tokens", code="context_length_exceeded")
-    try:
-        params = req.sampling_params(max_tokens, logprobs)
-    except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split()[0]) from None
-    timeout = state.options.request_timeout
-    job = Job(chat=chat, request_id=new_id("chatcmpl" if chat else "cmpl"),
-              model=adapter.name if adapter is not None else state.model_name, prompts=prompts, params=params,
-              stream=req.stream, include_usage=req.include_usage, received=received,
-              deadline=received + timeout if timeout else None, lora_request=adapter)
-    await state.wait_for_turn(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
-    reqs = submit_all(state.llm, job, state.live)
-    responder = Responder(job, state.tokenizer, state.metrics, timeout)
+    job, reqs = await admit(state, req, client, prompts, chat=chat, max_tokens=max_tokens, logprobs=logprobs,
+                            adapter=adapter)
+    responder = Responder(job, state.tokenizer, state.metrics, state.options.request_timeout)
     if job.stream:
         return SSEResponse(responder.stream(reqs))
     body = await until_disconnect(responder.collect(reqs), request.receive)
@@ -222,32 +203,41 @@ async def _generate(state: ServerState, req, request: Request, client: str, prom
 
 
 def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    def reply(request: Request, body: dict, status: int, headers=None) -> JSONResponse:
+        """OpenAI's error shape, or on a KServe V2 path the protocol's ``{"error": "..."}``."""
+        path = request.url.path
+        if path == "/v2" or path.startswith("/v2/"):
+            from cubelm.serve.v2.core import http_endpoint, v2_metrics
+            v2_metrics(state).count("http", http_endpoint(path), status)
+            body = {"error": body["error"]["message"]}
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         state.metrics.rejected(_REJECT_REASONS.get(e.status) or e.code or str(e.status))
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return reply(request, e.body(), e.status, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         state.metrics.rejected("invalid")
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the request body is not valid JSON ({err.get('msg')})",
-                                           "invalid_request_error"), status_code=400)
+            return reply(request, error_body(f"the request body is not valid JSON ({err.get('msg')})",
+                                             "invalid_request_error"), 400)
         # keep field names and list indices; drop pydantic's union-branch labels ("function-after[...]", "str")
         loc = [str(x) for x in err.get("loc", ()) if isinstance(x, int) or (
             str(x).isidentifier() and x not in ("body", "str", "int", "float", "bool", "list", "dict"))]
         param = ".".join(loc) or None
         where = f"{param}: " if param else ""
-        return JSONResponse(error_body(f"invalid request: {where}{err.get('msg')}", "invalid_request_error", param),
-                            status_code=400)
+        return reply(request, error_body(f"invalid request: {where}{err.get('msg')}", "invalid_request_error", param),
+                     400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return reply(request, error_body(str(e.detail), "invalid_request_error"), e.status_code,
+                     getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal server error ({type(e).__name__}); this is a bug, please report it",
-                                       "server_error"), status_code=500)
+        return reply(request, error_body(f"internal server error ({type(e).__name__}); this is a bug, please report "
+                                         f"it", "server_error"), 500)

@@ -22,7 +22,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -32,7 +32,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(scope, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -46,10 +46,12 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(error_body(f"the request body is larger than this server's limit of {self.max_bytes:,} "
-                                     f"bytes (--max-request-bytes)", "invalid_request_error",
-                                     code="request_too_large")).encode()
+    async def _refuse(self, scope, send) -> None:
+        message = f"the request body is larger than this server's limit of {self.max_bytes:,} bytes " \
+                  f"(--max-request-bytes)"
+        v2 = scope["path"] == "/v2" or scope["path"].startswith("/v2/")  # KServe V2's error shape
+        body = json.dumps({"error": message} if v2 else error_body(message, "invalid_request_error",
+                                                                   code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

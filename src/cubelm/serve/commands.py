@@ -2,6 +2,7 @@
 
     cubelm serve                                   # the default model on 127.0.0.1:8000
     cubelm serve --model DIR --host 0.0.0.0 --port 8000 --api-key sk-1 --rate-limit-rpm 60
+    cubelm serve --model DIR --grpc-port 8001                # + KServe V2 over gRPC (REST /v2 is always on)
     cubelm serve --model DIR --lora-modules sql=adapters/sql --lora-modules chat=adapters/chat --max-loras 2
     cubelm serve --task embed --model all-minilm-l6-v2            # /v1/embeddings only (adaptive batching)
     cubelm serve --model DIR --embed-model all-minilm-l6-v2       # generation and /v1/embeddings
@@ -43,6 +44,8 @@ class ServeOptions:
                                                    "(without @digest)")
     host: str = opt("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     port: int = opt(8000, help="TCP port")
+    grpc_port: int | None = opt(None, help="also serve KServe V2 over gRPC (inference.GRPCInferenceService) on this "
+                                           "TCP port, same process and engine; needs the grpc extra")
     api_key: list[str] = opt([], help="accepted API key (repeatable); also --api-key-file and $CUBELM_API_KEYS; "
                                       "none configured = open server")
     api_key_file: str | None = opt(None, help="file with one API key per line (# comments allowed)")
@@ -92,6 +95,8 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise CubelmError(f"--port must be in 1..65535, got {self.port}")
+        if self.grpc_port is not None and not (1 <= self.grpc_port <= 65535 and self.grpc_port != self.port):
+            raise CubelmError(f"--grpc-port must be in 1..65535 and differ from --port, got {self.grpc_port}")
         if self.max_pending_requests < 1:
             raise CubelmError(f"--max-pending-requests must be >= 1, got {self.max_pending_requests}")
         from cubelm.engine.params import MAX_N
@@ -110,9 +115,10 @@ class ServeOptions:
             raise CubelmError(f"--embed-max-batch and --embed-max-batch-tokens must be >= 1 and --embed-max-delay-ms "
                               f">= 0, got {self.embed_max_batch}, {self.embed_max_batch_tokens}, "
                               f"{self.embed_max_delay_ms}")
-        if self.task == "embed" and (self.lora_modules or self.enable_runtime_lora or self.embed_model):
+        if self.task == "embed" and (self.lora_modules or self.enable_runtime_lora or self.embed_model
+                                     or self.grpc_port):
             raise CubelmError("--task embed serves one embedding model (--model): --lora-modules, "
-                              "--enable-runtime-lora and --embed-model are for --task generate")
+                              "--enable-runtime-lora, --embed-model and --grpc-port are for --task generate")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise CubelmError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
 
@@ -142,6 +148,10 @@ def run_serve(o: ServeOptions) -> int:
     if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
         from cubelm.serve.lora import check_lora_modules, parse_lora_modules
         check_lora_modules(parse_lora_modules(o.lora_modules), path, o.served_model_name, o.max_lora_rank)
+    if o.grpc_port:  # compile the protocol and check the port now: a problem is one line, not a startup traceback
+        from cubelm.serve.v2.proto import protocol
+        protocol()
+        _check_port_free(o.host, o.grpc_port)
     if o.embed_model:
         from cubelm.rag.embedder import resolve_embedder
         resolve_embedder(o.embed_model)
@@ -164,7 +174,9 @@ def _run(o: ServeOptions, path) -> int:
     server = DrainingServer(config, state, o.shutdown_timeout)
     auth = f"{len(state.keys._digests)} API key(s)" if state.keys.enabled else "no API key (open)"
     print(f"[cubelm] serving {path} as '{o.served_model_name}' on http://{o.host}:{o.port}/v1 ({auth}); "
-          f"docs at /docs", file=sys.stderr, flush=True)
+          f"docs at /docs" + ("" if o.task == "embed" else "; KServe V2 at /v2")
+          + (f" and gRPC {o.host}:{o.grpc_port}" if o.grpc_port else ""),
+          file=sys.stderr, flush=True)
     server.run()
     if state.load_error is not None:
         raise CubelmError(f"could not load the model from {path}: {state.load_error}")
@@ -173,6 +185,18 @@ def _run(o: ServeOptions, path) -> int:
               f"{state.engine_error})", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CubelmError(f"--grpc-port {port}: cannot listen on {host}:{port} ({e.strerror}); choose a free "
+                              f"port") from None
 
 
 def _log_to_stderr() -> None:

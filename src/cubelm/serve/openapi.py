@@ -23,9 +23,22 @@ _DESCRIPTIONS = {
 }
 
 
-def errors(*statuses: int) -> dict:
-    """``responses=`` for a route: each status with its description and the OpenAI error body."""
-    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
+def errors(*statuses: int, model=ErrorResponse) -> dict:
+    """``responses=`` for a route: each status with its description and the error body (OpenAI's by default;
+    the V2 routes pass theirs)."""
+    return {s: {"model": model, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+def add_schemas(app, *models) -> None:
+    """Put request models into the document's components, for routes that parse their body themselves and point
+    at them from ``openapi_extra`` (``#/components/schemas/<Name>``)."""
+    extra = getattr(app.state, "openapi_schemas", None)
+    if extra is None:
+        extra = app.state.openapi_schemas = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        extra.update(schema.pop("$defs", {}))
+        extra[model.__name__] = schema
 
 
 def ok(*media_types: str, description: str = "Successful Response") -> dict:
@@ -44,6 +57,8 @@ def install_openapi(app, state) -> None:
         for path in schema.get("paths", {}).values():
             for op in path.values():
                 op.get("responses", {}).pop("422", None)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            getattr(app.state, "openapi_schemas", {}))
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         vocab = _vocab_size(state)

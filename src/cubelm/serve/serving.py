@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from cubelm.engine.async_engine import EngineDead, QueueFull, RequestFailed
 from cubelm.serve.errors import APIError, error_body
-from cubelm.serve.protocol import now_s, usage
+from cubelm.serve.protocol import new_id, now_s, usage
 from cubelm.serve.streaming import DONE, ChoiceProgress, sse
 
 
@@ -104,6 +104,51 @@ def submit_all(llm, job: Job, live: set | None = None) -> list[EngineRequest]:
         _abort(reqs)
         raise APIError(400, str(e), param="prompt") from None
     return reqs
+
+
+def encode_prompt(state, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt; a text too long for any context is refused before any time goes into tokenizing it."""
+    if len(text) > state.max_prompt_chars:
+        raise APIError(400, f"the prompt has {len(text):,} characters, more than any {state.engine.max_model_len:,}"
+                            f"-token context can hold with this tokenizer; shorten it", param="prompt",
+                       code="context_length_exceeded")
+    return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+async def admit(state, req, client: str, prompts: list[list[int]], *, chat: bool, max_tokens: int | None,
+                logprobs: int | None, adapter=None) -> tuple[Job, list[EngineRequest]]:
+    """Admission for any protocol (OpenAI, KServe V2): the context length, the sampling parameters of ``req`` (a
+    validated ``CompletionRequest`` / ``ChatCompletionRequest``), the client's rate limit (a leaky bucket waits its
+    turn here), then submission to the engine. Every refusal is an ``APIError`` raised before any response byte."""
+    received = time.monotonic()
+    max_len = state.engine.max_model_len
+    longest = max(len(ids) for ids in prompts)
+    if max_tokens is None:  # chat's default: whatever the context leaves
+        max_tokens = max(1, max_len - longest)
+    for ids in prompts:
+        if len(ids) + max_tokens > max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens, but you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
+                                f"completion); shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+    try:
+        params = req.sampling_params(max_tokens, logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split()[0]) from None
+    timeout = state.options.request_timeout
+    job = Job(chat=chat, request_id=new_id("chatcmpl" if chat else "cmpl"),
+              model=adapter.name if adapter is not None else state.model_name, prompts=prompts, params=params,
+              stream=req.stream, include_usage=req.include_usage, received=received,
+              deadline=received + timeout if timeout else None, lora_request=adapter)
+    delay = await state.rate_limit(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
+    if delay > 0:  # leaky bucket: wait for our turn in the queue
+        state.num_delayed += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            state.num_delayed -= 1
+        state.check_available()
+    return job, submit_all(state.llm, job, state.live)
 
 
 def _abort(reqs: list[EngineRequest]) -> None:
