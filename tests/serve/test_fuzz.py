@@ -49,7 +49,8 @@ def test_api_never_fails_and_follows_its_document(fuzz_server, mode):
     from schemathesis import GenerationMode
     ops = operations(fuzz_server.base)
     assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-                                       "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/embeddings", "/v2/health/ready",
+                                       "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/embeddings",
+                                       "/v2/health/ready",
                                        "/v2/models/{model_name}", "/v2/models/{model_name}/infer",
                                        "/v2/models/{model_name}/generate", "/v2/models/{model_name}/generate_stream"}
     for op in ops:

@@ -112,7 +112,8 @@ def table(report: dict) -> str:
     for r in rows:
         size = f"{base['bytes'] / r['bytes']:.2f}× smaller" if r["bytes"] and r is not base else "1×"
         delta = "—" if r is base or r["delta_pct"] is None else f"{r['delta_pct']:+.2f}%"
-        lines.append(f"| {r['method']} | {r['params']} | {r['bytes']:,} | {size} | "
+        params = r["params"].replace("|", "\\|")  # "|x| > 6" must not split the markdown cell
+        lines.append(f"| {r['method']} | {params} | {r['bytes']:,} | {size} | "
                      f"{r['bpb']:.4f} | {delta} | {_speed(r, base, 'decode_tok_s')} | "
                      f"{_speed(r, base, 'batched_tok_s')} |")
     return "\n".join(lines)
