@@ -3,6 +3,7 @@
     cubelm serve                                   # the default model on 127.0.0.1:8000
     cubelm serve --model DIR --host 0.0.0.0 --port 8000 --api-key sk-1 --rate-limit-rpm 60
     cubelm serve --model DIR --lora-modules sql=adapters/sql --lora-modules chat=adapters/chat --max-loras 2
+    cubelm serve --model DIR --feature-store qa_repo   # chat requests with `user` are personalized (§6.1.6)
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class ServeOptions:
                                       "refused")
     max_cpu_loras: int | None = opt(None, help="adapters kept in memory, least recently used evicted and re-read "
                                                "when needed; default --max-loras")
+    feature_store: str | None = opt(None, help="feature repo (`cubelm features demo`; needs the feature-store "
+                                               "extra): a chat request with OpenAI's `user` field gets that user's "
+                                               "online features as a system preamble", metavar="REPO_DIR")
     log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
     access_log: bool = opt(False, help="log every HTTP request")
 
