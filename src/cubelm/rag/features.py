@@ -119,8 +119,8 @@ def write_events(repo_dir: str | Path, events, *, append: bool = True) -> int:
     Rows need ``user_id``, the four features and ``event_timestamp``; ``created`` (ingest time) defaults to the
     event time, as for a backfill. NOTE: ``training_frame`` hides a row from training rows before its created time
     (what was not yet known at t is not used at t), so a ``created`` of "now" on old events blanks every past
-    training row unless ``known_at_time=False``. The file is replaced atomically (write beside, then rename), so a reader never sees half a file.
-    """
+    training row unless ``known_at_time=False``. The file is replaced atomically (write beside, then rename), so a
+    reader never sees half a file."""
     import pandas as pd
     events = _checked_events(events)
     path = Path(repo_dir) / EVENTS

@@ -4,9 +4,10 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 ``POST /detokenize``, ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
 (Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``); with ``--feature-store`` a chat request's ``user`` pulls
-that user's online features into the prompt (``cubelm.rag.features``). A request's ``model`` is the base model or an adapter. The model loads in a background thread so that ``/health`` and ``/ready``
-answer from the first second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
-Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
+that user's online features into the prompt (``cubelm.rag.features``). A request's ``model`` is the base model or
+an adapter. The model loads in a background thread so that ``/health`` and ``/ready`` answer from the first second.
+Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it. Every error a route can return is
+in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
 """
 
 from __future__ import annotations
