@@ -70,10 +70,9 @@ class DemoOptions:
 
 
 def run_demo(o: DemoOptions) -> int:
-    import pandas as pd
-
     from cubelm.rag import features as F
-    F.require_feast()
+    F.require_feast()  # first: pandas comes with the extra too
+    import pandas as pd
     now = datetime.now(timezone.utc).replace(microsecond=0)
     events = synthetic_events(o.num_users, end=now, days=o.days, events_per_user=o.events_per_user, seed=o.seed)
     store = F.init_repo(o.repo, events, ttl=timedelta(days=o.ttl_days))

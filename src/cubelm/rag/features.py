@@ -121,6 +121,7 @@ def write_events(repo_dir: str | Path, events, *, append: bool = True) -> int:
     (what was not yet known at t is not used at t), so a ``created`` of "now" on old events blanks every past
     training row unless ``known_at_time=False``. The file is replaced atomically (write beside, then rename), so a
     reader never sees half a file."""
+    require_feast()  # pandas and pyarrow come with the extra
     import pandas as pd
     events = _checked_events(events)
     path = Path(repo_dir) / EVENTS

@@ -116,7 +116,7 @@ def run_serve(o: ServeOptions) -> int:
     if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
         from cubelm.serve.lora import check_lora_modules, parse_lora_modules
         check_lora_modules(parse_lora_modules(o.lora_modules), path, o.served_model_name, o.max_lora_rank)
-    state = ServerState(o)
+    state = ServerState(o)  # opens the feature store: a bad repo or a missing extra fails here, in one line
     if state.limiter is not None:
         state.limiter.check_storage()
     config = uvicorn.Config(create_app(state), host=o.host, port=o.port, log_level=o.log_level,
