@@ -1,23 +1,28 @@
 """A feature store for the book's Q&A service (§6.1.6) on Feast: user features that feed the chat prompt.
 
-    repo = init_repo("qa_repo", synthetic_events(num_users=8))   # feature_store.yaml, parquet, apply
-    materialize(repo)                                             # offline (parquet) -> online (SQLite), incremental
-    training_frame(repo, entity_df)                               # point-in-time-correct join for training rows
-    personalize_messages(repo, "u3", [{"role": "user", "content": "..."}])   # request time: features -> preamble
+    store = init_repo("qa_repo", synthetic_events(num_users=8))  # feature_store.yaml, parquet, apply
+    materialize(store)                                            # offline (parquet) -> online (SQLite), incremental
+    training_frame(store, entity_df)                              # point-in-time-correct join for training rows
+    personalize_messages(store, "u3", [{"role": "user", "content": "..."}])  # request time: features -> preamble
+
+(``synthetic_events`` is in ``cubelm.rag.feature_commands``.)
 
 The entity is a user (join key ``user_id``, the OpenAI ``user`` field of a chat request); the feature view
 ``user_profile`` holds what an LLM can use when answering that user: preferred language, expertise level, recent
 topics and how many questions they have asked. Each row is valid from its ``event_timestamp`` (when the fact became
 true) until the next row of the same user or until the view's TTL runs out; ``created`` (ingest time) breaks ties
 between rows with the same event time, so a later correction wins. A training join with an entity row
-(user, t) therefore gets the latest row at or before t and never one from after t: no future leaks into the past.
+(user, t) therefore gets the latest row at or before t, never one from after t nor one ingested after t: no future
+leaks into the past.
 
 Stores, all local files under the repo directory: offline = a parquet file (Feast's file source), online = SQLite,
 registry = a local protobuf file. Feast is heavy and optional: ``pip install 'cubelm[feature-store]'``; it is
 imported only inside these functions.
 
-Where the book's listing is wrong for today's Feast (0.67): ``ValueTypes.STRING`` is ``ValueType.STRING`` (and an
-entity now takes ``join_keys`` instead of a value type), ``event_timestamp_column`` was removed in favour of
+The book's listing keys its view by ``question_id`` (SQuAD questions, answers and their embeddings); the issue
+asks for what a Q&A service can use at request time, the asker's profile, so the entity here is the user. Where
+the book's listing is wrong for today's Feast (0.67): ``ValueTypes.STRING`` is ``ValueType.STRING`` (an entity
+names its ``join_keys`` too), ``event_timestamp_column`` was removed in favour of
 ``timestamp_field``, and ``utcnow()`` there means ``pd.Timestamp.now(tz="UTC")``.
 """
 
