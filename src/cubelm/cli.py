@@ -20,7 +20,8 @@ from cubelm.errors import CubelmError
 
 
 def opt(default=dataclasses.MISSING, *, help: str, choices=None, metavar: str | None = None, flag: str | None = None):
-    """A dataclass field that is also a CLI flag. ``flag`` overrides the generated ``--name``."""
+    """A dataclass field that is also a CLI flag. ``flag`` overrides the generated ``--name``; a ``flag`` without
+    a leading dash (``flag="SRC"``) makes a required positional argument shown as that name."""
     md = {"help": help, "choices": choices, "metavar": metavar, "flag": flag}
     if isinstance(default, list):
         items = list(default)
@@ -61,6 +62,12 @@ VERBS: list[Verb] = [
          "cubelm.engine.commands:GenerateOptions:run_generate"),
     Verb("bench decode", "Decode speed of the engine (batch 1 or N) against the host's memory-bandwidth bound.",
          "cubelm.engine.bench:BenchDecodeOptions:run_bench_decode"),
+    Verb("pull", "Pull a model (s3://, gs://, http(s)://, file://) into the local store, verified by sha256.",
+         "cubelm.store.commands:PullOptions:run_pull"),
+    Verb("push", "Push a model directory with its sha256 manifest to s3://, gs:// or a directory.",
+         "cubelm.store.commands:PushOptions:run_push"),
+    Verb("models", "List the models in the local store: name, digest, size, path.",
+         "cubelm.store.commands:ModelsOptions:run_models"),
     Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
          "cubelm.serve.commands:ServeOptions:run_serve"),
     Verb("features demo", "Feature store (Feast, §6.1.6): build the Q&A repo, materialize, training join, lookup.",
@@ -73,6 +80,8 @@ VERBS: list[Verb] = [
          "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
     Verb("compress prune", "Prune a model: magnitude or 2:4 zeros, or remove attention heads / MLP neurons.",
          "cubelm.compress.prune_commands:PruneOptions:run_prune"),
+    Verb("compress distill", "Distil a teacher into a smaller student: α·T²·KL(teacher‖student) + (1−α)·CE.",
+         "cubelm.compress.distill_commands:DistillOptions:run_distill"),
     Verb("compress lowrank", "Factorize the decoder's projections by truncated SVD (rank by energy, rank or size).",
          "cubelm.compress.lowrank:LowrankOptions:run_lowrank"),
     Verb("compress share", "Share weights across consecutive decoder layers (ALBERT-style) and/or tie embeddings.",
@@ -85,6 +94,8 @@ VERBS: list[Verb] = [
          "cubelm.compress.w8a8_commands:W8A8Options:run_w8a8"),
     Verb("compress deep", "Deep Compression: prune -> k-means weight sharing -> Huffman; sizes per stage, quality.",
          "cubelm.compress.deep_commands:DeepOptions:run_deep"),
+    Verb("compress report", "Every compression method on one model: bytes, held-out bits/byte, engine tok/s; PNG.",
+         "cubelm.compress.report_commands:ReportOptions:run_report"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -100,7 +111,8 @@ _GROUPS = {
     "model": "Create a random model from a preset, or show a model's config and size.",
     "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
-    "compress": "Model compression: pruning, low rank, layer sharing, SmoothQuant / W8A8, Deep Compression.",
+    "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
+                "Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
@@ -130,6 +142,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
             continue
         tp = _unwrap_optional(hints[f.name])
         flag = md.get("flag") or "--" + f.name.replace("_", "-")
+        if not flag.startswith("-"):  # a positional argument: opt(help=..., flag="SRC")
+            parser.add_argument(f.name, metavar=flag, type=tp, help=md["help"])
+            continue
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

@@ -46,16 +46,22 @@ class GenerateOptions:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    from cubelm.store import is_complete_model_dir, model_path
+    """``--model``: a directory, a name in the model store (``cubelm models``), or a URL (s3://, gs://, http(s)://,
+    file://) pulled through the store first (once per content digest; cubelm.store.pull)."""
+    from cubelm.store import is_complete_model_dir, is_remote, model_path, pull_model
     if model is None:
         path = model_path()
         if not is_complete_model_dir(path):
             raise CubelmError(f"no default model at {path}; build it with 'cubelm build-default' or pass --model DIR")
-        return path
+        return path.resolve() if path.is_symlink() else path  # a pulled default: its immutable @digest directory
+    if is_remote(model):
+        return pull_model(model)
     path = Path(model)
+    if not path.is_dir() and "/" not in model and model_path(model).is_dir():
+        return model_path(model).resolve()  # the immutable name@digest directory behind a pulled name
     if not path.is_dir():
         raise CubelmError(f"model directory {path} does not exist; pass a directory holding config.json "
-                          f"and model.safetensors")
+                          f"and model.safetensors, a model name from 'cubelm models', or s3://, https:// URL")
     return path
 
 

@@ -2,7 +2,7 @@
 
 Field names are Hugging Face's, so a config round-trips through ``config.json`` without a mapping table.
 Families (llama, mistral, qwen2) differ only in data: Qwen2 has q/k/v biases, Mistral a sliding window, some
-models tie the embedding and the output head. Presets: ``tiny``/``small``/``base`` are shapes cubelm trains;
+models tie the embedding and the output head. Presets: ``nano``/``tiny``/``small``/``base`` are shapes cubelm trains;
 the named real models are for planning (``cubelm plan``) and for loading real checkpoints.
 """
 
@@ -196,6 +196,10 @@ class ModelConfig:
 
 # Shapes cubelm trains, then the real models' published config.json shapes (planning and loading).
 PRESETS: dict[str, dict] = {
+    # nano: a distillation student for tiny (~4x fewer parameters, half the depth and width)
+    "nano": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 tie_word_embeddings=True, rms_norm_eps=1e-5),
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                  tie_word_embeddings=True, rms_norm_eps=1e-5),

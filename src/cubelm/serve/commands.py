@@ -19,8 +19,11 @@ from cubelm.serve.ratelimit import STRATEGIES
 
 @dataclass(slots=True, kw_only=True)
 class ServeOptions:
-    model: str | None = opt(None, help="model directory (HF format); default: the default model in the model store")
-    served_model_name: str | None = opt(None, help="the model id clients send; default: the directory's name")
+    model: str | None = opt(None, help="model directory (HF format), a name in the model store, or a URL (s3://, "
+                                       "gs://, http(s)://, file://) pulled through the store first; default: the "
+                                       "default model in the model store")
+    served_model_name: str | None = opt(None, help="the model id clients send; default: the directory's name "
+                                                   "(without @digest)")
     host: str = opt("127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     port: int = opt(8000, help="TCP port")
     api_key: list[str] = opt([], help="accepted API key (repeatable); also --api-key-file and $CUBELM_API_KEYS; "
@@ -112,7 +115,7 @@ def run_serve(o: ServeOptions) -> int:
     if o.quantization is not None:
         from cubelm.compress.quantize import check_method
         check_method(o.quantization, o.quantization_group_size)
-    o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name)
+    o = dataclasses.replace(o, model=str(path), served_model_name=o.served_model_name or path.name.partition("@")[0])
     if o.lora_modules:  # a bad adapter fails now, in one line, not in the load thread
         from cubelm.serve.lora import check_lora_modules, parse_lora_modules
         check_lora_modules(parse_lora_modules(o.lora_modules), path, o.served_model_name, o.max_lora_rank)

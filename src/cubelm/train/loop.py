@@ -150,6 +150,10 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training objective of one micro-batch (next-token cross-entropy; distillation adds a teacher term)."""
+        return lm_loss(self.forward(x), y)
+
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.state.step
         lr = lr_at(step, cfg)
@@ -159,7 +163,7 @@ class Trainer:
             x, y = self.train_batches.batch(self.state.samples, cfg.micro_batch_size, device=self.device)
             self.state.samples += cfg.micro_batch_size
             with self._autocast():
-                loss = lm_loss(self.forward(x), y)
+                loss = self._loss(x, y)
             (loss / cfg.grad_accum).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
