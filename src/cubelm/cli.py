@@ -70,6 +70,12 @@ VERBS: list[Verb] = [
          "cubelm.store.commands:ModelsOptions:run_models"),
     Verb("serve", "OpenAI-compatible HTTP server: streaming, API keys, rate limits, metrics, graceful drain.",
          "cubelm.serve.commands:ServeOptions:run_serve"),
+    Verb("features demo", "Feature store (Feast, §6.1.6): build the Q&A repo, materialize, training join, lookup.",
+         "cubelm.rag.feature_commands:DemoOptions:run_demo"),
+    Verb("features materialize", "Copy new user features from the offline store (parquet) to the online (SQLite).",
+         "cubelm.rag.feature_commands:MaterializeOptions:run_materialize"),
+    Verb("features get", "Online features of users and the system preamble they give a chat request.",
+         "cubelm.rag.feature_commands:GetOptions:run_get"),
     Verb("quantize", "Write an int8 / int4 weight-quantized copy of a model directory that LLM and serve load.",
          "cubelm.compress.quantized_io:QuantizeOptions:run_quantize"),
     Verb("compress prune", "Prune a model: magnitude or 2:4 zeros, or remove attention heads / MLP neurons.",
@@ -114,6 +120,8 @@ _GROUPS = {
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
     "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
+    "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
+                "lookups that feed the chat prompt.",
 }
 
 

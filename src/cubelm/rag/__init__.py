@@ -2,4 +2,5 @@
 
 ``embedder`` (encoders and decoders as text embedders), ``pooling``, ``vectors`` (truncation, normalization,
 quantization), ``batcher`` (adaptive batching for /v1/embeddings),
-``chunking`` (token windows on text boundaries), ``store`` / ``faiss_store`` / ``chroma_store`` (vector stores)."""
+``chunking`` (token windows on text boundaries), ``store`` / ``faiss_store`` / ``chroma_store`` (vector stores),
+``features`` (the Feast feature store, §6.1.6)."""

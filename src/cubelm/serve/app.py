@@ -5,7 +5,8 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 route), ``GET /health`` (liveness), ``GET /ready`` (503 while loading or draining), ``GET /metrics``
 (Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``); KServe V2 under ``/v2`` (``cubelm.serve.v2``, also over
-gRPC with ``--grpc-port``). A request's ``model`` is the base model or an adapter. The model loads in a background
+gRPC with ``--grpc-port``); with ``--feature-store`` a chat request's ``user`` pulls that user's online
+features into the prompt (``cubelm.rag.features``). A request's ``model`` is the base model or an adapter. The model loads in a background
 thread so that ``/health`` and ``/ready`` answer from the first second. Build one with
 ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
 Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
@@ -127,7 +128,10 @@ def _add_generation_routes(app: FastAPI, state: ServerState, client_id) -> None:
               responses=GENERATE_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, client: str = Depends(client_id)):
         adapter = _check_request(state, req)
-        ids = encode_prompt(state, _render_chat(state, req.chat_messages()), add_special_tokens=False)
+        messages = req.chat_messages()
+        if state.feature_store is not None and req.user:
+            messages = await state.personalize(req.user, messages)
+        ids = encode_prompt(state, _render_chat(state, messages), add_special_tokens=False)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(state, req, request, client, [ids], chat=True,
                                max_tokens=req.requested_max_tokens(), logprobs=logprobs, adapter=adapter)

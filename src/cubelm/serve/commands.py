@@ -6,6 +6,7 @@
     cubelm serve --model DIR --lora-modules sql=adapters/sql --lora-modules chat=adapters/chat --max-loras 2
     cubelm serve --task embed --model all-minilm-l6-v2            # /v1/embeddings only (adaptive batching)
     cubelm serve --model DIR --embed-model all-minilm-l6-v2       # generation and /v1/embeddings
+    cubelm serve --model DIR --feature-store qa_repo   # chat requests with `user` are personalized (§6.1.6)
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class ServeOptions:
                                       "refused")
     max_cpu_loras: int | None = opt(None, help="adapters kept in memory, least recently used evicted and re-read "
                                                "when needed; default --max-loras")
+    feature_store: str | None = opt(None, help="feature repo (`cubelm features demo`; needs the feature-store "
+                                               "extra): a chat request with OpenAI's `user` field gets that user's "
+                                               "online features as a system preamble", metavar="REPO_DIR")
     log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
     access_log: bool = opt(False, help="log every HTTP request")
 
@@ -165,7 +169,7 @@ def _run(o: ServeOptions, path) -> int:
     from cubelm.serve.server import DrainingServer
     from cubelm.serve.state import ServerState
 
-    state = ServerState(o)
+    state = ServerState(o)  # opens the feature store: a bad repo or a missing extra fails here, in one line
     if state.limiter is not None:
         state.limiter.check_storage()
     config = uvicorn.Config(create_app(state), host=o.host, port=o.port, log_level=o.log_level,

@@ -64,6 +64,9 @@ class ServerMetrics:
         self.request_rejected = Counter("cubelm:request_rejected", "Requests refused before generation, by reason "
                                         "(rate_limit, queue_full, draining, auth, invalid, timeout, disconnect).",
                                         labels + ["reason"], registry=r)
+        self.feature_lookups = Counter("cubelm:feature_lookups", "Feature-store lookups for chat requests with a "
+                                       "user (--feature-store), by result (personalized, unknown_user, error).",
+                                       labels + ["result"], registry=r)
         self.ttft = Histogram("cubelm:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("cubelm:time_per_output_token_seconds", "Mean time per output token after the first, "
@@ -78,6 +81,9 @@ class ServerMetrics:
 
     def rejected(self, reason: str) -> None:
         self.request_rejected.labels(self.model_name, reason).inc()
+
+    def feature_lookup(self, result: str) -> None:
+        self.feature_lookups.labels(self.model_name, result).inc()
 
     def observe_finished(self, out, received: float, finished: float, num_tokens: int) -> None:
         """Record one finished request (a ``RequestOutput``) that generated ``num_tokens``; ``received`` /

@@ -41,6 +41,10 @@ class ServerState:
         self.live: set = set()  # serving.EngineRequest objects in flight
         self.embedding = None  # cubelm.serve.embeddings.EmbeddingService (--task embed, --embed-model)
         self.loaded = False  # every model this server serves is loaded
+        self.feature_store = None
+        if getattr(options, "feature_store", None):  # imported only here: the server without the extra is unchanged
+            from cubelm.rag.features import open_store
+            self.feature_store = open_store(options.feature_store)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -158,6 +162,20 @@ class ServerState:
             finally:
                 self.num_delayed -= 1
             self.check_available()
+    async def personalize(self, user: str, messages: list[dict]) -> list[dict]:
+        """The chat messages with the user's online features as a system preamble (``--feature-store``). The
+        lookup (SQLite) runs off the event loop; a failing store degrades to the plain messages: the features
+        improve an answer, they are not needed for one."""
+        from cubelm.rag.features import personalize_messages
+        try:
+            out = await asyncio.to_thread(personalize_messages, self.feature_store, user, messages)
+        except Exception as e:  # noqa: BLE001 - logged; the request goes on without features
+            self.metrics.feature_lookup("error")
+            log.warning("feature store lookup for user %r failed (%s: %s); answering without features", user,
+                        type(e).__name__, e)
+            return messages
+        self.metrics.feature_lookup("personalized" if out != messages else "unknown_user")
+        return out
 
     async def rate_limit(self, client: str, num_tokens: int) -> float:
         if self.limiter is None:
