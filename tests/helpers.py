@@ -1,7 +1,9 @@
 """Test helpers shared across test modules (tests/ is on sys.path: pytest rootdir conftest)."""
 
+import socket
 import subprocess
 import sys
+import time
 
 
 def cubelm(*args, timeout=180) -> subprocess.CompletedProcess:
@@ -9,6 +11,27 @@ def cubelm(*args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cubelm", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Until ``base``/ready answers 200; a server process that exits first is an error with its stderr."""
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{base} was not ready within {timeout} s")
 
 
 def cli_in_process(capsys, *args):

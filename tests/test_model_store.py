@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import cli_in_process, make_tiny_model_dir
+from helpers import cli_in_process, free_port, make_tiny_model_dir, wait_ready
 
 MIB = 1 << 20
 
@@ -402,7 +402,7 @@ def test_bad_inputs(http_server, published, tiny_model, home, capsys):
     except ImportError:  # gs:// is optional: without gcsfs, one line that says what to install
         assert_clean_error(cli_in_process(capsys, "pull", "gs://bucket/models/tiny"), "pip install gcsfs")
     assert_clean_error(cli_in_process(capsys, "pull", f"{http_server.url}/nothing"), "not found (HTTP 404)")
-    closed = f"http://127.0.0.1:{_free_port()}/tiny"  # nothing listens there
+    closed = f"http://127.0.0.1:{free_port()}/tiny"  # nothing listens there
     assert_clean_error(cli_in_process(capsys, "pull", closed), "cannot read the manifest")
     assert_clean_error(cli_in_process(capsys, "pull", str(published), "--name", "../x"), "is not valid")
     assert_clean_error(cli_in_process(capsys, "push", tiny_model, f"{http_server.url}/x"), "read-only")
@@ -420,13 +420,13 @@ def test_serve_pulls_from_s3_then_answers(tiny_model, s3, tmp_path, capsys):
     assert cli_in_process(capsys, "push", tiny_model, "s3://models/serve-tiny").returncode == 0
     home = tmp_path / "serve-home"  # empty: the server's pull downloads
     env = s3_env(s3, home)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cubelm", "serve", "--model", "s3://models/serve-tiny",
                              "--port", str(port), "--num-blocks", "64", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, proc)
+        wait_ready(base, proc, timeout=90)
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "serve-tiny"  # no @digest in the id
         body = {"model": "serve-tiny", "prompt": "def add(", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         got = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
@@ -438,24 +438,3 @@ def test_serve_pulls_from_s3_then_answers(tiny_model, s3, tmp_path, capsys):
                                                                                   ignore_eos=True), use_tqdm=False)
     assert got == ref[0].outputs[0].text
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{base} was not ready within {timeout} s")

@@ -19,7 +19,7 @@ from cubelm.errors import CubelmError  # noqa: E402
 from cubelm.rag import snapshot  # noqa: E402
 from cubelm.rag.faiss_store import FaissStore  # noqa: E402
 from cubelm.rag.store import open_store  # noqa: E402
-from helpers import assert_clean_error, cli_in_process  # noqa: E402
+from helpers import assert_clean_error, cli_in_process, free_port  # noqa: E402
 
 DIM = 64
 
@@ -289,19 +289,13 @@ def test_corrupt_files_are_one_line_errors(tmp_path, data, capsys):
 
 # ---- the server backend: a real `chroma run` on loopback ---------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chroma_url(tmp_path_factory):
     pytest.importorskip("chromadb")
     exe = Path(sys.executable).with_name("chroma")
     if not exe.exists():
         pytest.skip(f"the chroma server CLI is not installed next to {sys.executable}")
-    port, data_dir = _free_port(), tmp_path_factory.mktemp("chroma")
+    port, data_dir = free_port(), tmp_path_factory.mktemp("chroma")
     log = open(data_dir.parent / "chroma.log", "w")
     proc = subprocess.Popen([str(exe), "run", "--path", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)

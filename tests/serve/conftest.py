@@ -14,32 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
+from helpers import free_port, wait_ready  # noqa: E402,F401 - re-exported for tests/serve
+
 API_KEY = "sk-test-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{base} was not ready within {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,17 +40,17 @@ class TransientError(Exception):
     """A read that failed midway (connection reset, timeout): the pull keeps the bytes and resumes from there."""
 
 
-class Location:
+class Location(ABC):
     url: str
 
+    @abstractmethod
     def read_manifest(self) -> bytes | None:
         """The manifest's bytes; None where a location may hold a plain model directory (local only)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def open_range(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
         """Bytes of ``path`` from ``offset`` on: (the offset the data really starts at, the chunks). A server
         that ignores ``Range`` answers from 0, and the caller starts the file over."""
-        raise NotImplementedError
 
     def put_file(self, local: Path, path: str) -> None:
         raise CubelmError(f"{self.url}: cannot push over {self.url.split(':')[0]}:// (read-only); push to "
