@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
-TREES = ("base", "overlays/cpu", "overlays/gpu")
+TREES = ("base", "overlays/cpu", "overlays/gpu", "overlays/rag")
 
 
 def kustomize_command() -> list[str] | None:

@@ -370,3 +370,94 @@ def test_gpu_overlay_requests_a_gpu_and_runs_on_cuda(rendered):
     cpu = serve_deployment(rendered["overlays/cpu"])
     assert "nvidia.com/gpu" not in container(cpu, "cubelm")["resources"]["limits"]
     assert parse_options(serve_argv(rendered["overlays/cpu"]))[0].device == "cpu"
+
+
+# ---- the inference graph (overlays/rag = overlays/cpu + components/rag-graph) -----------------------------------
+def graph_options(docs, name: str, container_name: str):
+    from cubelm.cli import parse_options
+    c = container(one(docs, "Deployment", name), container_name)
+    options, _ = parse_options(expand(c["args"], env_values(c, configmaps(docs))))
+    return options, c
+
+
+def test_graph_routing_names_the_services_of_the_encoder_and_the_llm(rendered):
+    """The router's --embed-url and --llm-url are the DNS names of Services that select the encoder and LLM pods,
+    on ports that reach the ports those servers listen on; the router asks for the model the encoder serves."""
+    from cubelm.serve.commands import ServeOptions
+    from cubelm.serve.router_commands import RouterOptions
+    docs = rendered["overlays/rag"]
+    router, router_c = graph_options(docs, "cubelm-router", "router")
+    encoder, _ = graph_options(docs, "cubelm-encoder", "encoder")
+    llm, _ = parse_options_of_serve(docs)
+    assert isinstance(router, RouterOptions) and isinstance(encoder, ServeOptions) and encoder.task == "embed"
+    assert router.embed_model == encoder.served_model_name == encoder.model
+    for url, target, listens in ((router.embed_url, "cubelm-encoder", encoder.port),
+                                 (router.llm_url, "cubelm-serve", llm.port)):
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", url).groups()
+        svc = one(docs, "Service", host)
+        dep = one(docs, "Deployment", target)
+        assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(), url
+        target_port = next((p["targetPort"] for p in svc["spec"]["ports"] if p["port"] == int(port)), None)
+        assert target_port is not None, f"{url}: Service {host} has no port {port}"
+        ports = {p["name"]: p["containerPort"] for c in dep["spec"]["template"]["spec"]["containers"]
+                 for p in c["ports"]}
+        assert ports[target_port] == listens, url
+    # the index is the claim, mounted read-only where --index points
+    mount = next(m for m in router_c["volumeMounts"] if m["mountPath"] == router.index)
+    volume = next(v for v in one(docs, "Deployment", "cubelm-router")["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    assert mount["readOnly"] and one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    for name in ("cubelm-router", "cubelm-encoder"):  # Prometheus scrapes both (the per-hop metrics)
+        sm, svc = one(docs, "ServiceMonitor", name), one(docs, "Service", name)
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+
+
+def parse_options_of_serve(docs):
+    from cubelm.cli import parse_options
+    return parse_options(serve_argv(docs))
+
+
+def test_graph_probes_hit_routes_each_service_has(rendered):
+    from types import SimpleNamespace
+
+    from cubelm.serve.app import create_app
+    from cubelm.serve.commands import ServeOptions
+    from cubelm.serve.router import create_router_app
+    from cubelm.serve.state import ServerState
+    docs = rendered["overlays/rag"]
+    routes = {
+        "cubelm-encoder": {r.path for r in create_app(ServerState(ServeOptions(task="embed", model="e"))).routes},
+        "cubelm-router": {r.path for r in create_router_app(
+            SimpleNamespace(options=SimpleNamespace(max_request_bytes=1024))).routes}}
+    assert "/v1/embeddings" in routes["cubelm-encoder"] and "/v1/chat/completions" in routes["cubelm-router"]
+    for name, cname in (("cubelm-encoder", "encoder"), ("cubelm-router", "router")):
+        c = container(one(docs, "Deployment", name), cname)
+        ports = {p["name"] for p in c["ports"]}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c[kind]["httpGet"]
+            assert probe["path"] in routes[name] and probe["port"] in ports, (name, kind)
+        # liveness never depends on another service: an upstream outage must not restart the pod
+        assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_graph_network_policies_allow_only_the_graph_edges(rendered):
+    docs = rendered["overlays/rag"]
+    policies = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "NetworkPolicy")}
+
+    def pods(peers):
+        return sorted(p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in peers if "podSelector" in p)
+
+    for upstream in ("cubelm-encoder", "cubelm-serve"):
+        ingress = policies[upstream]["ingress"]
+        assert all(rule.get("from") for rule in ingress), f"{upstream} takes traffic from anyone"
+        assert pods(p for rule in ingress for p in rule["from"]) == ["cubelm-router"], upstream
+        assert all(p.get("namespaceSelector") == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+                   for rule in ingress for p in rule["from"] if "podSelector" not in p)
+    egress = policies["cubelm-router"]["egress"]
+    assert pods(p for rule in egress for p in rule.get("to", [])) == ["cubelm-encoder", "cubelm-serve"]
+    assert all(rule.get("to") or {p["port"] for p in rule["ports"]} == {53} for rule in egress)
+    assert policies["cubelm-encoder"]["egress"] == []
+    # without the graph (overlays/cpu) the LLM service still answers clients directly
+    assert any(not rule.get("from") for rule in one(rendered["overlays/cpu"], "NetworkPolicy",
+                                                    "cubelm-serve")["spec"]["ingress"])
