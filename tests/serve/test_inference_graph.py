@@ -173,8 +173,8 @@ def test_an_llm_error_is_relayed_with_its_status(graph):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_llm_down_is_a_clean_502_and_not_ready(graph):
-    """Last in this module: it kills the LLM service."""
+def test_an_upstream_down_is_a_clean_502_and_not_ready(graph):
+    """Last in this module: it kills the LLM service, then the encoder."""
     graph.llm.stop()
     with pytest.raises(openai.APIStatusError) as e:
         graph.client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
@@ -193,3 +193,7 @@ def test_llm_down_is_a_clean_502_and_not_ready(graph):
     assert httpx.get(f"{graph.base}/health", timeout=10).status_code == 200  # the router itself is alive
     assert metric(graph.base, "cubelm:router_hop_requests_total", hop="llm", outcome="unreachable") == 2
     assert metric(graph.base, "cubelm:router_hop_retries_total", hop="llm") == 4  # --retries 2, per request
+    graph.encoder.stop()  # the first hop down: the same clean 502, naming that service
+    r = httpx.post(f"{graph.base}/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": QUESTION}]})
+    assert r.status_code == 502 and "encoder service" in r.json()["error"]["message"], r.text

@@ -153,7 +153,7 @@ class Router:
         if body.get("stream") is True:
             r = await self.llm.send("POST", "/v1/chat/completions", hop="llm", json_body=body, auth=auth,
                                     stream=True)
-            return SSEResponse(self.relay(r, cits, received))
+            return SSEResponse(_Relayed(self.relay(r, cits, received), r))
         r = await self.llm.send("POST", "/v1/chat/completions", hop="llm", json_body=body, auth=auth)
         try:
             answer = r.json()
@@ -194,6 +194,23 @@ class Router:
             self.metrics.hop_done("llm", outcome, time.monotonic() - started)
             if outcome == "ok":
                 self.metrics.e2e.observe(time.monotonic() - received)
+
+
+class _Relayed:
+    """The relay generator, plus the upstream response closed with it even when the generator never started (the
+    client gone before the first byte): an unstarted generator's ``aclose`` does not run its ``finally``."""
+
+    def __init__(self, events, response: httpx.Response):
+        self.events, self.response = events, response
+
+    def __aiter__(self):
+        return self.events.__aiter__()
+
+    async def aclose(self) -> None:
+        try:
+            await self.events.aclose()
+        finally:
+            await self.response.aclose()
 
 
 def _embedding(r: httpx.Response) -> list[float] | None:
