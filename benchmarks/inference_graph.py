@@ -6,8 +6,9 @@ service directly, and where the router's time goes, hop by hop.
 
 Starts the three services as ``cubelm`` processes on loopback (encoder: all-MiniLM-L6-v2; LLM: ``--model``;
 router over an index ingested from ``--source``), then, in every round and for every question, times A = the
-router end to end (embed -> search -> LLM) and B = the LLM service alone with exactly the messages the router
-built (the client embeds, searches and grounds first, untimed), interleaved A B A B because the host is shared.
+router end to end (embed -> search -> LLM) and B = the LLM service alone with the messages the router builds
+(the client embeds, searches and grounds first, untimed; each request has its own system line, so that neither
+path reuses the other's prompt from the LLM's prefix cache), interleaved A B A B because the host is shared.
 Reported: medians (and means) over all requests, the ratio A/B (per round, then the median) and the graph's
 overhead (A - B), plus the router's own per-hop means from its ``/metrics`` (``cubelm:router_hop_latency_seconds``:
 a histogram, so means, which outliers on a shared host inflate).
@@ -35,6 +36,18 @@ def start(*args: str, port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cubelm", *args, "--port", str(port), "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def histogram(base: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram over all its series."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    out = [0.0, 0.0]
+    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name in (name + "_sum", name + "_count"):
+                out[s.name.endswith("_count")] += s.value
+    return out[0], out[1]
 
 
 def hop_means(base: str) -> dict[str, tuple[float, float]]:
@@ -67,7 +80,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import free_port, wait_ready
 
-    from cubelm.rag.prompt import grounded_messages
+    from cubelm.rag.prompt import DEFAULT_SYSTEM, grounded_messages
     from cubelm.rag.store import open_store
     from cubelm.systems.host import describe_host, host_info
 
@@ -93,10 +106,19 @@ def main() -> None:
         client = httpx.Client(timeout=600)
         params = {"model": "m", "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
 
-        def grounded(q: str) -> list[dict]:
+        def hits_of(q: str):
             r = client.post(f"{base['encoder']}/v1/embeddings", json={"input": [q]})
-            hits = store.search([r.json()["data"][0]["embedding"]], args.k)[0]
-            return grounded_messages(q, hits, max_context_tokens=args.max_context_tokens)
+            return store.search([r.json()["data"][0]["embedding"]], args.k)[0]
+
+        # NOTE: every request gets its own system line, so neither path finds the other's prompt in the LLM's
+        # prefix cache (B right after A with the same messages would skip its prefill); the router puts the
+        # client's system message after its grounding instruction, and so does the direct path here
+        def routed(q: str, n: int) -> list[dict]:
+            return [{"role": "system", "content": f"Request {n}."}, {"role": "user", "content": q}]
+
+        def direct_messages(q: str, n: int) -> list[dict]:
+            return grounded_messages(q, hits[q], system=f"{DEFAULT_SYSTEM}\n\nRequest {n}.",
+                                     max_context_tokens=args.max_context_tokens)
 
         def timed(url: str, messages: list[dict]) -> float:
             t0 = time.perf_counter()
@@ -104,20 +126,25 @@ def main() -> None:
             assert r.status_code == 200, r.text
             return time.perf_counter() - t0
 
-        prepared = {q: grounded(q) for q in QUESTIONS}
-        timed(f"{base['router']}/v1/chat/completions", [{"role": "user", "content": QUESTIONS[0]}])  # warm-up
-        timed(f"{base['llm']}/v1/chat/completions", prepared[QUESTIONS[0]])
+        hits = {q: hits_of(q) for q in QUESTIONS}
+        timed(f"{base['router']}/v1/chat/completions", routed(QUESTIONS[0], -1))  # warm-up
+        timed(f"{base['llm']}/v1/chat/completions", direct_messages(QUESTIONS[0], -2))
         before = hop_means(base["router"])
+        enc_before = histogram(base["encoder"], "cubelm:embedding_request_latency_seconds")
         graph, direct, ratios = [], [], []
+        n = 0
         for _ in range(args.rounds):
             a_round, b_round = [], []
             for q in QUESTIONS:
-                a_round.append(timed(f"{base['router']}/v1/chat/completions", [{"role": "user", "content": q}]))
-                b_round.append(timed(f"{base['llm']}/v1/chat/completions", prepared[q]))
+                b_messages = direct_messages(q, n + 1)
+                a_round.append(timed(f"{base['router']}/v1/chat/completions", routed(q, n)))
+                b_round.append(timed(f"{base['llm']}/v1/chat/completions", b_messages))
+                n += 2
             graph += a_round
             direct += b_round
             ratios.append(statistics.median(a_round) / statistics.median(b_round))
         after = hop_means(base["router"])
+        enc_after = histogram(base["encoder"], "cubelm:embedding_request_latency_seconds")
     finally:
         for p in procs.values():
             p.kill()
@@ -138,6 +165,8 @@ def main() -> None:
         s = after.get(hop, (0, 0))[0] - before.get(hop, (0, 0))[0]
         n = after.get(hop, (0, 0))[1] - before.get(hop, (0, 0))[1]
         print(f"| {hop} | {s / max(n, 1) * 1e3:.1f} | {n:.0f} |")
+    s, n = enc_after[0] - enc_before[0], enc_after[1] - enc_before[1]  # the router's calls only
+    print(f"| (embed, inside the encoder service) | {s / max(n, 1) * 1e3:.1f} | {n:.0f} |")
 
 
 if __name__ == "__main__":
