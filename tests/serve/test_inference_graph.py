@@ -81,7 +81,7 @@ class Graph:
 
     def hops(self) -> dict[str, float]:
         return {hop: metric(self.base, "cubelm:router_hop_requests_total", hop=hop, outcome="ok")
-                for hop in ("embed", "search", "llm")}
+                for hop in ("embed", "search", "tokenize", "llm")}
 
     def stop(self) -> None:
         if self.router.poll() is None:
@@ -124,7 +124,8 @@ def test_chat_goes_encoder_then_index_then_llm_and_is_cited(graph):
     assert resp.usage.prompt_tokens == count["count"]
     assert resp.usage.completion_tokens == 8 and resp.choices[0].finish_reason == "length"
     # the router timed every hop
-    assert {h: v - hops0[h] for h, v in graph.hops().items()} == {"embed": 1, "search": 1, "llm": 1}
+    assert {h: v - hops0[h] for h, v in graph.hops().items()} == {"embed": 1, "search": 1, "tokenize": 1,
+                                                                         "llm": 1}
     assert metric(graph.base, "cubelm:router_hop_latency_seconds_count", hop="llm") >= 1
 
 
@@ -140,6 +141,28 @@ def test_stream_relays_the_llm_events_with_citations_first(graph):
     assert text and text == whole.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_sources_are_dropped_until_the_prompt_fits_the_llm_context(graph):
+    """max_tokens leaving room for the grounded prompt with one source but not two: the router drops the second
+    (lowest-ranked) source, as the LLM's own tokenizer counts, and cites only the first; the LLM would refuse
+    the full prompt (a 400), as it does with --no-fit-context."""
+    messages, hit_ids = expected_messages(graph)
+    tok = httpx.post(f"{graph.llm.base}/tokenize", json={"messages": messages}, timeout=30).json()
+    full, limit = tok["count"], tok["max_model_len"]
+    from cubelm.rag.prompt import grounded_messages
+    first = graph.store.get([hit_ids[0]])[0]
+    one = httpx.post(f"{graph.llm.base}/tokenize", json={"messages": grounded_messages(QUESTION, [first])},
+                     timeout=30).json()["count"]
+    assert one < full < limit
+    resp = graph.client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
+                                                max_tokens=limit - full + 1, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    assert [c["id"] for c in resp.model_extra["citations"]] == [PLANTED]
+    assert resp.usage.prompt_tokens == one and resp.usage.prompt_tokens + resp.usage.completion_tokens <= limit
+    r = httpx.post(f"{graph.llm.base}/v1/chat/completions", timeout=30, json={
+        "messages": messages, "max_tokens": limit - full + 1})
+    assert r.status_code == 400  # what the router avoided
 
 
 def test_models_and_readiness_come_from_the_upstreams(graph):
@@ -191,8 +214,9 @@ def test_an_upstream_down_is_a_clean_502_and_not_ready(graph):
     assert ready.status_code == 503 and ready.json()["upstreams"]["llm"].startswith("unreachable")
     assert ready.json()["upstreams"]["encoder"] == "ready"
     assert httpx.get(f"{graph.base}/health", timeout=10).status_code == 200  # the router itself is alive
-    assert metric(graph.base, "cubelm:router_hop_requests_total", hop="llm", outcome="unreachable") == 2
-    assert metric(graph.base, "cubelm:router_hop_retries_total", hop="llm") == 4  # --retries 2, per request
+    # its first call to the LLM service (counting the prompt) found it down, twice, after 2 retries each
+    assert metric(graph.base, "cubelm:router_hop_requests_total", hop="tokenize", outcome="unreachable") == 2
+    assert metric(graph.base, "cubelm:router_hop_retries_total", hop="tokenize") == 4
     graph.encoder.stop()  # the first hop down: the same clean 502, naming that service
     r = httpx.post(f"{graph.base}/v1/chat/completions", timeout=30, json={
         "messages": [{"role": "user", "content": QUESTION}]})

@@ -5,14 +5,15 @@ For ``POST /v1/chat/completions`` (OpenAI's shape, streaming or not) the router
 1. embeds the last user message with the encoder service (``POST {embed_url}/v1/embeddings``),
 2. searches its own index (``--index``: the embedded faiss store, or a Chroma server) for the top k chunks,
 3. builds the grounded messages (``cubelm.rag.prompt``: numbered sources, the client's system message and earlier
-   turns kept) and sends the request, every other field unchanged, to the LLM service
-   (``POST {llm_url}/v1/chat/completions``); a stream is relayed event by event as it arrives,
+   turns kept), fitted to the LLM's context as the LLM's own tokenizer counts it (``POST {llm_url}/tokenize``:
+   lowest-ranked sources dropped until prompt + max_tokens fits), and sends the request, every other field
+   unchanged, to the LLM service (``POST {llm_url}/v1/chat/completions``); a stream is relayed event by event,
 4. answers with the LLM's response plus ``citations`` (a stream carries them on its first chunk).
 
 Why three processes rather than one: the encoder is small and fast, the LLM big and slow, so each scales and
 rolls out on its own; the prompt logic (this router) changes most often and redeploys without reloading a model;
 and the encoder service is also there for ingestion. The cost is two network hops per request, which
-``/metrics`` makes visible per hop (``cubelm:router_hop_latency_seconds{hop="embed|search|llm"}``).
+``/metrics`` makes visible per hop (``cubelm:router_hop_latency_seconds{hop="embed|search|tokenize|llm"}``).
 
 Errors: bad input is a 400 before any upstream is called; an upstream down is a 502 (unreachable, or a 5xx),
 its 503 (loading, draining, full) a 503, its time limit a 504 - always in OpenAI's error shape
@@ -51,8 +52,9 @@ class RouterMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.hop_latency = Histogram("cubelm:router_hop_latency_seconds", "Time of one hop of the graph: embed "
-                                     "(encoder service), search (the index), llm (LLM service; a stream until its "
-                                     "last event).", ["hop"], buckets=HOP_BUCKETS, registry=r)
+                                     "(encoder service), search (the index), tokenize (the LLM service counting "
+                                     "the prompt), llm (LLM service; a stream until its last event).", ["hop"],
+                                     buckets=HOP_BUCKETS, registry=r)
         self.hop_requests = Counter("cubelm:router_hop_requests", "Calls of each hop, by outcome (ok, error, "
                                     "unreachable, timeout, disconnect).", ["hop", "outcome"], registry=r)
         self.retries = Counter("cubelm:router_hop_retries", "Calls retried after a connection failure.", ["hop"],
@@ -142,13 +144,7 @@ class Router:
         question, system, history = split_messages(body.get("messages"))
         k = rag_k(body.pop("rag", None), self.options.k)
         hits = await self.retrieve(question, k, auth)
-        try:
-            kept = [h for h, _ in fit_hits(hits, system=system, history=history, question=question,
-                                            max_context_tokens=self.options.max_context_tokens)]
-            body["messages"] = grounded_messages(question, hits, system=system, history=history,
-                                                 max_context_tokens=self.options.max_context_tokens)
-        except CubelmError as e:
-            raise APIError(400, str(e), param="messages") from None
+        body["messages"], kept = await self.ground(body, question, hits, system, history, auth)
         cits = citations(kept)
         if body.get("stream") is True:
             r = await self.llm.send("POST", "/v1/chat/completions", hop="llm", json_body=body, auth=auth,
@@ -163,6 +159,43 @@ class Router:
         answer["citations"] = cits
         self.metrics.e2e.observe(time.monotonic() - received)
         return JSONResponse(answer)
+
+    async def ground(self, body: dict, question: str, hits, system, history, auth):
+        """(grounded messages, hits kept). With --fit-context the LLM service counts the prompt with its own
+        tokenizer and chat template (``POST /tokenize``); while prompt + the request's max tokens is over its
+        context, the lowest-ranked source goes (citations follow). Without sources still too long: the LLM's 400."""
+        reserve = body.get("max_completion_tokens") or body.get("max_tokens") or 1
+        reserve = reserve if isinstance(reserve, int) and not isinstance(reserve, bool) else 1
+        n = len(hits)
+        while True:
+            try:
+                kept = [h for h, _ in fit_hits(hits[:n], system=system, history=history, question=question,
+                                                max_context_tokens=self.options.max_context_tokens)]
+                messages = grounded_messages(question, kept, system=system, history=history,
+                                             max_context_tokens=self.options.max_context_tokens)
+            except CubelmError as e:
+                raise APIError(400, str(e), param="messages") from None
+            if not self.options.fit_context or not kept:
+                return messages, kept
+            counted = await self.count_prompt(messages, body.get("model"), auth)
+            if counted is None or counted[0] + reserve <= counted[1]:
+                return messages, kept
+            n = len(kept) - 1
+
+    async def count_prompt(self, messages: list[dict], model, auth) -> tuple[int, int] | None:
+        """(prompt tokens, the LLM's context length), or None when the service has no /tokenize (another server)."""
+        body = {"messages": messages} | ({"model": model} if isinstance(model, str) else {})
+        try:
+            r = await self.llm.send("POST", "/tokenize", hop="tokenize", json_body=body, auth=auth)
+        except APIError as e:
+            if e.status in (404, 405):
+                return None
+            raise
+        try:
+            data = r.json()
+            return int(data["count"]), int(data["max_model_len"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     async def relay(self, r: httpx.Response, cits: list[dict], received: float):
         """The LLM's server-sent events as they come; the first chunk gains ``citations``. A stream that breaks

@@ -30,6 +30,9 @@ class RouterOptions:
                                     "\"rag\": {\"k\": N})")
     max_context_tokens: int | None = opt(None, help="bound on the grounded prompt's content (estimated tokens): "
                                                     "lowest-ranked sources are dropped first; default: no bound")
+    fit_context: bool = opt(True, help="count each grounded prompt with the LLM service's tokenizer (its "
+                                       "/tokenize) and drop lowest-ranked sources until prompt + max_tokens fits "
+                                       "its context (one more call per request)")
     system: str | None = opt(None, help="the grounding instruction placed before the sources (default: "
                                         "cubelm.rag.prompt's, answer only from the sources and cite them as [n])")
     embed_model: str | None = opt(None, help="model id sent to the encoder service; default: the embedder the index "
