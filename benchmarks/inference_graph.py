@@ -161,7 +161,7 @@ def main() -> None:
     print(f"graph / direct: {statistics.median(ratios):.3f} (median of per-round ratios); overhead "
           f"{(a - b) * 1e3:.1f} ms")
     print("| hop | mean ms | calls |\n|---|---:|---:|")
-    for hop in ("embed", "search", "llm"):
+    for hop in ("embed", "search", "tokenize", "llm"):
         s = after.get(hop, (0, 0))[0] - before.get(hop, (0, 0))[0]
         n = after.get(hop, (0, 0))[1] - before.get(hop, (0, 0))[1]
         print(f"| {hop} | {s / max(n, 1) * 1e3:.1f} | {n:.0f} |")
