@@ -139,6 +139,12 @@ def test_stream_relays_the_llm_events_with_citations_first(graph):
     assert all("citations" not in c.model_extra for c in chunks[1:])
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and text == whole.choices[0].message.content
+    # the client's system message follows the grounding instruction, which stays
+    from cubelm.rag.prompt import DEFAULT_SYSTEM, grounded_messages
+    hits = graph.store.get([c["id"] for c in whole.model_extra["citations"]])
+    messages = grounded_messages(QUESTION, hits, system=DEFAULT_SYSTEM + "\n\nBe brief.")
+    count = httpx.post(f"{graph.llm.base}/tokenize", json={"messages": messages}, timeout=30).json()["count"]
+    assert whole.usage.prompt_tokens == count
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 

@@ -27,12 +27,13 @@ RETRY_BACKOFF_S = 0.1  # first wait; doubled per retry
 
 class Upstream:
     def __init__(self, name: str, url: str, *, api_key: str | None, timeout: float, connect_timeout: float,
-                 retries: int, metrics):
+                 retries: int, metrics, transport: httpx.AsyncBaseTransport | None = None):
         self.name, self.url, self.api_key = name, url.rstrip("/"), api_key
         self.retries, self.metrics = retries, metrics
         # NOTE: no read timeout on a stream's body beyond `timeout` per read: a long generation keeps sending
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                                        transport=transport)  # a test's MockTransport; None = the network
 
     async def aclose(self) -> None:
         await self.client.aclose()
