@@ -109,7 +109,8 @@ def _server_model(o: BenchServeOptions, client) -> str:
     if resp.status_code in (401, 403):
         raise CubelmError(f"{o.base_url} refused the API key (HTTP {resp.status_code}); pass --api-key")
     if resp.status_code != 200 or not resp.json().get("data"):
-        raise CubelmError(f"{o.base_url}/v1/models answered HTTP {resp.status_code}; is it an OpenAI-compatible server?")
+        raise CubelmError(f"{o.base_url}/v1/models answered HTTP {resp.status_code}; is it an OpenAI-compatible "
+                          "server?")
     return o.model or resp.json()["data"][0]["id"]
 
 

@@ -84,7 +84,8 @@ class SimulateOptions:
         except ValueError:
             value = -1.0
         if name not in ("ttft", "tpot", "itl", "e2el") or not value > 0:
-            raise CubelmError(f"--slo takes METRIC:MS with METRIC in ttft, tpot, itl, e2el and MS > 0; got {self.slo!r}")
+            raise CubelmError(f"--slo takes METRIC:MS with METRIC in ttft, tpot, itl, e2el and MS > 0; "
+                              f"got {self.slo!r}")
         return name, value
 
 
@@ -153,7 +154,8 @@ def run_simulate(o: SimulateOptions) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(f"one replica: {curve.capacity:.2f} req/s at most, {per_replica:.2f} req/s within p99 {metric} <= "
-              f"{slo_ms:g} ms; trace: {len(rates)} s, mean {rates.mean():.1f} req/s, peak {peak:.0f} req/s (1-min mean); "
+              f"{slo_ms:g} ms; trace: {len(rates)} s, mean {rates.mean():.1f} req/s, peak {peak:.0f} req/s "
+              "(1-min mean); "
               f"fixed fleet for the peak: {fixed} replicas; a new pod is ready after {timing.ready_s:g} s")
         if fixed > o.max_replicas:
             print(f"note: the peak needs {fixed} replicas, more than --max-replicas {o.max_replicas}")
