@@ -88,8 +88,8 @@ def test_bench_serve_end_to_end(serve_process, model_dir, tmp_path, capsys):
     out = tmp_path / "runs"
     r = cli_in_process(capsys, "bench", "serve", "--base-url", server.base, "--num-prompts", 4, "--input-len", 8,
                        "--output-len", 4, "--request-rate", "inf,50", "--num-warmups", 1, "--goodput",
-                       "ttft:60000,tpot:60000", "--hourly-price", 1.0, "--save-result", "--result-dir", out,
-                       "--metric-percentiles", "50,99")
+                       "ttft:60000,tpot:60000", "--hourly-price", 1.0, "--save-result", "--save-detailed",
+                       "--result-dir", out, "--metric-percentiles", "50,99")
     assert r.returncode == 0, r.stderr
     files = sorted(out.glob("openai-*qps-m-*.json"))
     assert len(files) == 2 and len(list(out.glob("*.png"))) == 1

@@ -33,7 +33,7 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 
 @dataclass(slots=True)
 class BenchRequest:
-    prompt_ids: list[int]
+    prompt_ids: list[int] | str  # token ids (exact lengths), or text (its length then comes from usage)
     output_len: int  # max_tokens (all of them with ignore_eos)
 
 
@@ -124,6 +124,7 @@ async def send_request(client, url: str, body: dict, prompt_len: int, t_zero: fl
                     last, chunks = now, chunks + 1
                 elif chunk.get("usage"):
                     out.output_len = int(chunk["usage"].get("completion_tokens") or 0)
+                    out.prompt_len = int(chunk["usage"].get("prompt_tokens") or prompt_len)
     except Exception as e:  # noqa: BLE001 - any transport failure is this request's error, not the run's
         out.error = f"{type(e).__name__}: {e}"[:200]
         return out
@@ -151,10 +152,11 @@ async def run_requests(client, url: str, model: str, requests: list[BenchRequest
         if delay > 0:
             await asyncio.sleep(delay)
         body = request_body(model, req, ignore_eos)
+        n = 0 if isinstance(req.prompt_ids, str) else len(req.prompt_ids)
         if sem is None:
-            return await send_request(client, url, body, len(req.prompt_ids), t_zero)
+            return await send_request(client, url, body, n, t_zero)
         async with sem:
-            return await send_request(client, url, body, len(req.prompt_ids), t_zero)
+            return await send_request(client, url, body, n, t_zero)
 
     outputs = await asyncio.gather(*(one(r, float(t)) for r, t in zip(requests, offsets)))
     return list(outputs), time.perf_counter() - t_zero

@@ -16,6 +16,8 @@ from cubelm.cli import opt
 from cubelm.errors import CubelmError
 from cubelm.eval.serve_bench import METRICS
 
+PER_REQUEST = ("ttfts", "itls", "e2els", "start_times", "input_lens", "output_lens", "errors")  # --save-detailed
+
 
 @dataclass(slots=True, kw_only=True)
 class BenchServeOptions:
@@ -48,6 +50,7 @@ class BenchServeOptions:
     slo: list[str] = opt([], metavar="NAME:MS", help="the same as --goodput (the issue's name)")
     hourly_price: float | None = opt(None, help="USD per replica-hour: adds cost per 1M output / total tokens")
     save_result: bool = opt(False, help="write each run's JSON (vLLM's fields) and a PNG into --result-dir")
+    save_detailed: bool = opt(False, help="also save per-request lengths, TTFTs, ITLs, E2ELs, errors in the JSON")
     result_dir: str = opt(".", help="directory of the JSON files and the PNG")
     result_filename: str | None = opt(None, help="JSON file name for a single rate (default: vLLM's pattern)")
     plot: str | None = opt(None, help="PNG path (default with --save-result: bench-serve-<model>-<date>.png)")
@@ -212,7 +215,8 @@ def run_bench_serve(o: BenchServeOptions) -> int:
             name = o.result_filename if o.result_filename and len(o.rates) == 1 else result_filename(r, date)
             path = Path(o.result_dir) / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**r, "request_rate": "inf" if math.isinf(rate) else rate}))
+            saved = {k: v for k, v in r.items() if o.save_detailed or k not in PER_REQUEST}
+            path.write_text(json.dumps({**saved, "request_rate": "inf" if math.isinf(rate) else rate}, indent=1))
             print(f"wrote {path}")
     print()
     print(markdown_table(results))
