@@ -112,6 +112,11 @@ def test_bench_serve_end_to_end(serve_process, model_dir, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     r = cli_in_process(capsys, "bench", "serve", "--base-url", server.base, "--dataset", "random")
     assert_clean_error(r, "--tokenizer")
+    r = cli_in_process(capsys, "bench", "serve", "--base-url", server.base, "--model", "nope", "--num-prompts", 1)
+    assert_clean_error(r, "/tokenize answered HTTP 404", "nope")
+    r = cli_in_process(capsys, "bench", "serve", "--base-url", server.base, "--model", "nope", "--num-prompts", 1,
+                       "--input-len", 4, "--dataset", "random", "--tokenizer", model_dir)
+    assert_clean_error(r, "test request", "404")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -117,6 +117,13 @@ def _server_model(o: BenchServeOptions, client) -> str:
     return o.model or resp.json()["data"][0]["id"]
 
 
+def _message(resp) -> str:
+    try:
+        return str(resp.json()["error"]["message"])[:160]
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:160]
+
+
 def _prompts(o: BenchServeOptions, client, model: str, input_lens, rng) -> list[list[int]]:
     import numpy as np
 
@@ -136,8 +143,8 @@ def _prompts(o: BenchServeOptions, client, model: str, input_lens, rng) -> list[
     def server_encode(text: str) -> list[int]:
         resp = client.post("/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False})
         if resp.status_code != 200:
-            raise CubelmError(f"{o.base_url}/tokenize answered HTTP {resp.status_code}; pass --tokenizer DIR to "
-                              "tokenize locally")
+            raise CubelmError(f"{o.base_url}/tokenize answered HTTP {resp.status_code} ({_message(resp)}); check "
+                              "--model, or pass --tokenizer DIR to tokenize locally")
         return resp.json()["tokens"]
 
     return corpus_prompts(input_lens, server_encode, rng)
@@ -172,6 +179,25 @@ def _one_run(o: BenchServeOptions, model: str, requests, rate: float, rng) -> di
             "output_lens": [x.output_len for x in ok], "errors": [x.error for x in outputs if not x.success]}
 
 
+def _test_request(o: BenchServeOptions, model: str, req) -> None:
+    """One request before the runs (as vLLM does): a wrong --model, --endpoint or key fails here, in one line."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    from cubelm.eval.serve_bench import BenchRequest, run_requests
+
+    async def go():
+        async with httpx.AsyncClient(base_url=o.base_url, headers=_headers(o), timeout=o.timeout) as client:
+            return await run_requests(client, o.endpoint, model, [BenchRequest(req.prompt_ids, 2)], np.zeros(1),
+                                      max_concurrency=None, ignore_eos=o.ignore_eos)
+
+    (out,), _ = asyncio.run(go())
+    if not out.success:
+        raise CubelmError(f"the test request to {o.base_url}{o.endpoint} failed: {out.error}")
+
+
 def _slos(o: BenchServeOptions) -> dict[str, float] | None:
     from cubelm.eval.serve_bench import parse_goodput
     return parse_goodput(o.goodput + o.slo) or None
@@ -196,6 +222,7 @@ def run_bench_serve(o: BenchServeOptions) -> int:
         output_lens = sample_lengths(o.num_prompts, o.output_len, o.range_ratio, rng)
         prompts = _prompts(o, client, model, input_lens, rng)
     requests = [BenchRequest(p, int(n)) for p, n in zip(prompts, output_lens)]
+    _test_request(o, model, requests[0])
     date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     load = round(_os.getloadavg()[0], 2)  # the host is often shared: every result says how loaded it was
     print(f"model {model} at {o.base_url}: {o.num_prompts} prompts ({o.dataset}, input {o.input_len}, output "
