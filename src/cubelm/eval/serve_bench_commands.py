@@ -209,12 +209,15 @@ def run_bench_serve(o: BenchServeOptions) -> int:
     import os as _os
     from pathlib import Path
 
-    import httpx
     import numpy as np
 
     from cubelm.eval.serve_bench import BenchRequest, add_cost, sample_lengths
     from cubelm.eval.serve_bench_report import format_result, markdown_table, plot_results, result_filename
     slos = _slos(o)  # a bad SLO fails before any request
+    try:
+        import httpx
+    except ModuleNotFoundError:
+        raise CubelmError("cubelm bench serve needs httpx: pip install 'cubelm[serve]'") from None
     with httpx.Client(base_url=o.base_url, headers=_headers(o), timeout=60) as client:
         model = _server_model(o, client)
         rng = np.random.default_rng(o.seed)
