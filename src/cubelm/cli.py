@@ -62,6 +62,8 @@ VERBS: list[Verb] = [
          "cubelm.engine.commands:GenerateOptions:run_generate"),
     Verb("bench decode", "Decode speed of the engine (batch 1 or N) against the host's memory-bandwidth bound.",
          "cubelm.engine.bench:BenchDecodeOptions:run_bench_decode"),
+    Verb("bench serve", "Load-test an OpenAI-compatible server (as vllm bench serve): TTFT/TPOT/ITL/E2EL, goodput.",
+         "cubelm.eval.serve_bench_commands:BenchServeOptions:run_bench_serve"),
     Verb("pull", "Pull a model (s3://, gs://, http(s)://, file://) into the local store, verified by sha256.",
          "cubelm.store.commands:PullOptions:run_pull"),
     Verb("push", "Push a model directory with its sha256 manifest to s3://, gs:// or a directory.",
@@ -106,6 +108,8 @@ VERBS: list[Verb] = [
          "cubelm.systems.commands:FlopsOptions:run_flops"),
     Verb("pipeline simulate", "Simulate a pipeline schedule: device timelines, bubble fraction, in-flight activations.",
          "cubelm.systems.pipeline_commands:SimulateOptions:run_simulate"),
+    Verb("autoscale simulate", "Simulate HPA / KEDA autoscaling on a traffic trace from a measured capacity curve.",
+         "cubelm.systems.autoscale_commands:SimulateOptions:run_simulate"),
 ]
 
 
@@ -117,9 +121,11 @@ _GROUPS = {
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
-    "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "bench": "Benchmarks: engine decode speed; a load test of any OpenAI-compatible server (the side-by-side "
+             "comparisons with other engines are in benchmarks/).",
     "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
+    "autoscale": "Autoscaling model (§6.2.2): replicas, SLO violations and cost of HPA / KEDA vs a fixed fleet.",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
                 "lookups that feed the chat prompt.",
 }
