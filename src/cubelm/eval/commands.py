@@ -70,6 +70,26 @@ class RetrievalOptions:
 
 
 def run_retrieval(o: RetrievalOptions) -> int:
+    import torch
+
+    from cubelm.errors import CubelmError
+    try:
+        import faiss
+    except ImportError:
+        raise CubelmError("cubelm eval retrieval needs faiss: pip install -e '.[rag]'") from None
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    if o.threads > 0:
+        torch.set_num_threads(o.threads)
+        faiss.omp_set_num_threads(o.threads)
+    try:
+        return _run_retrieval(o)
+    finally:  # the thread counts are process-wide: give them back (the verb also runs in-process, in tests)
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
+def _run_retrieval(o: RetrievalOptions) -> int:
     from pathlib import Path
 
     from cubelm.data.tokenizer import load_tokenizer
@@ -86,11 +106,6 @@ def run_retrieval(o: RetrievalOptions) -> int:
     if not specs or o.questions < 1 or o.max_chunks < 1 or o.rounds < 1:
         raise CubelmError("--embedder needs a name; --questions, --max-chunks and --rounds must be >= 1")
     source_root(o.source)
-    if o.threads > 0:
-        import faiss
-        import torch
-        torch.set_num_threads(o.threads)
-        faiss.omp_set_num_threads(o.threads)
     tokenizer = load_tokenizer(resolve_embedder(o.chunk_tokenizer)[1])
     rset = build_retrieval_set(o.source, tokenizer, max_tokens=o.max_tokens, overlap=o.overlap,
                                num_questions=o.questions, max_chunks=o.max_chunks, seed=o.seed)
