@@ -178,7 +178,21 @@ def test_set_errors(tmp_path):
         build_retrieval_set(str(tmp_path), WordTokenizer(), max_tokens=50)
 
 
+def test_index_variants():
+    from cubelm.eval.retrieval import index_variants
+    params = {"hnsw_m": 16, "nprobe": 4}
+    got = index_variants(["hnsw", "sq8", "flat", "hnsw"], params, [16, 128])
+    assert got == [("flat", "flat", {}), ("hnsw ef=16", "hnsw", {"hnsw_m": 16, "ef_search": 16}),
+                   ("hnsw ef=128", "hnsw", {"hnsw_m": 16, "ef_search": 128}), ("sq8", "sq8", {})]
+    assert index_variants(["hnsw", "ivfpq"], params, [64]) == [("hnsw", "hnsw", {"hnsw_m": 16, "ef_search": 64}),
+                                                                ("ivfpq", "ivfpq", {"nprobe": 4})]
+    with pytest.raises(CubelmError, match="ef-search"):
+        index_variants(["hnsw"], params, [0])
+
+
 def test_cli_bad_input(capsys, package):
+    assert_clean_error(cli_in_process(capsys, "eval", "retrieval", "--ef-search", "16,lots", "--source", package),
+                       "--ef-search")
     assert_clean_error(cli_in_process(capsys, "eval", "retrieval", "--index", "flat,annoy", "--source", package),
                        "annoy", "hnsw")
     assert_clean_error(cli_in_process(capsys, "eval", "retrieval", "--source", package / "missing"), "missing")

@@ -62,7 +62,8 @@ class RetrievalOptions:
     rounds: int = opt(3, help="interleaved rounds of batch-1 searches timed per index type")
     hnsw_m: int = opt(32, help="HNSW: neighbours per node (M)")
     ef_construction: int = opt(200, help="HNSW: beam width while building (efConstruction)")
-    ef_search: int = opt(128, help="HNSW: beam width while searching (efSearch)")
+    ef_search: str = opt("128", help="HNSW: beam width while searching (efSearch); comma-separated values build "
+                                      "one HNSW index each (a sweep)")
     nprobe: int = opt(0, help="IVF-PQ: lists visited per query (0 = nlist/4, at least 8)")
     device: str = opt("cpu", help="device for the embedders (cpu, cuda)")
     threads: int = opt(0, help="torch and faiss CPU threads (0 = their defaults; 1 is faster on a busy host)")
@@ -94,14 +95,19 @@ def _run_retrieval(o: RetrievalOptions) -> int:
 
     from cubelm.data.tokenizer import load_tokenizer
     from cubelm.errors import CubelmError
-    from cubelm.eval.retrieval import (check_kinds, embedder_lines, evaluate_embedder, load_eval_embedder,
+    from cubelm.eval.retrieval import (embedder_lines, evaluate_embedder, index_variants, load_eval_embedder,
                                        markdown_table)
     from cubelm.eval.retrieval_set import build_retrieval_set
     from cubelm.rag.embedder import resolve_embedder
     from cubelm.rag.ingest import source_root
     from cubelm.systems.host import describe_host, host_info
 
-    kinds = check_kinds([k.strip() for k in o.index.split(",") if k.strip()])
+    try:
+        efs = [int(v) for v in o.ef_search.split(",") if v.strip()]
+    except ValueError:
+        raise CubelmError(f"--ef-search {o.ef_search!r}: give integers, e.g. 16,64,128") from None
+    params = {"hnsw_m": o.hnsw_m, "ef_construction": o.ef_construction, "nprobe": o.nprobe}
+    variants = index_variants([k.strip() for k in o.index.split(",") if k.strip()], params, efs)
     specs = [e.strip() for e in o.embedder.split(",") if e.strip()]
     if not specs or o.questions < 1 or o.max_chunks < 1 or o.rounds < 1:
         raise CubelmError("--embedder needs a name; --questions, --max-chunks and --rounds must be >= 1")
@@ -112,12 +118,10 @@ def _run_retrieval(o: RetrievalOptions) -> int:
     print(f"host: {describe_host(host_info())}")
     print(f"set: {len(rset.questions)} questions, {len(rset.chunk_ids):,} chunks from {len(rset.files)} files of "
           f"{o.source} (seed {o.seed})", flush=True)
-    params = {"hnsw_m": o.hnsw_m, "ef_construction": o.ef_construction, "ef_search": o.ef_search,
-              "nprobe": o.nprobe}
     results = []
     for spec in specs:
         emb = load_eval_embedder(spec, o.device)
-        results.append(evaluate_embedder(emb, rset, kinds, rounds=o.rounds, index_params=params))
+        results.append(evaluate_embedder(emb, rset, variants, rounds=o.rounds))
         print(embedder_lines(results[-1:]), flush=True)
     table = markdown_table(results)
     print(table)

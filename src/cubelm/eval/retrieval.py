@@ -34,6 +34,7 @@ POOLINGS = ("cls", "mean", "max", "last")
 
 @dataclass(slots=True)
 class IndexResult:
+    label: str  # the kind, or "hnsw ef=16" when several efSearch values are compared
     kind: str
     params: dict
     build_s: float
@@ -126,29 +127,28 @@ def time_searches(stores: dict, queries: np.ndarray, k: int, rounds: int) -> dic
             for kind in stores}
 
 
-def evaluate_embedder(emb, rset: RetrievalSet, kinds: list[str], *, k: int = 10, rounds: int = 3,
-                      index_params: dict | None = None) -> EmbedderResult:
+def evaluate_embedder(emb, rset: RetrievalSet, variants: list[tuple[str, str, dict]], *, k: int = 10,
+                      rounds: int = 3) -> EmbedderResult:
+    """``variants``: (label, index kind, IndexSpec parameters) of each index to build (``index_variants``)."""
     corpus, queries, embed_s, qtimes = embed_set(emb, rset)
     relevant = [q.relevant for q in rset.questions]
     result = EmbedderResult(name=emb.name, dim=int(corpus.shape[1]), pooling=emb.pooling.mode,
                             corpus_chunks=len(rset.chunk_ids), embed_s=embed_s,
                             query_p50_ms=statistics.median(qtimes) * 1e3)
-    index_params = index_params or {}
     with tempfile.TemporaryDirectory(prefix="cubelm-reteval-") as tmp:
         stores, built = {}, {}
-        for kind in kinds:
-            params = {key: v for key, v in index_params.items() if _applies(kind, key)}
-            stores[kind], built[kind] = build_store(f"{tmp}/{kind}", kind, rset.chunk_ids, corpus, params)
-        ranked = {kind: _ranked(store, queries, k) for kind, store in stores.items()}
+        for n, (label, kind, params) in enumerate(variants):
+            stores[label], built[label] = build_store(f"{tmp}/{n}", kind, rset.chunk_ids, corpus, params)
+        ranked = {label: _ranked(store, queries, k) for label, store in stores.items()}
         exact = ranked.get("flat")
         latency = time_searches(stores, queries, k, rounds)
-        for kind, store in stores.items():
+        for label, store in stores.items():
             overlap = None if exact is None else float(np.mean(
-                [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(ranked[kind], exact)]))
+                [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(ranked[label], exact)]))
             result.indexes.append(IndexResult(
-                kind=kind, params=_shown_params(store.index.spec), build_s=built[kind],
-                index_bytes=len(store.index.to_bytes()), search_p50_ms=latency[kind][0],
-                search_p99_ms=latency[kind][1], metrics=mean_metrics(ranked[kind], relevant),
+                label=label, kind=store.index.spec.kind, params=_shown_params(store.index.spec),
+                build_s=built[label], index_bytes=len(store.index.to_bytes()), search_p50_ms=latency[label][0],
+                search_p99_ms=latency[label][1], metrics=mean_metrics(ranked[label], relevant),
                 overlap_vs_flat=overlap))
     return result
 
@@ -168,13 +168,24 @@ def _shown_params(spec) -> dict:
     return shown
 
 
-def check_kinds(kinds: list[str]) -> list[str]:
+def index_variants(kinds: list[str], params: dict, ef_searches: list[int]) -> list[tuple[str, str, dict]]:
+    """(label, kind, params) per index to build: flat first (the exact reference of overlap@10), one HNSW per
+    efSearch value."""
     from cubelm.rag.faiss_index import KINDS
     bad = [kind for kind in kinds if kind not in KINDS]
     if bad or not kinds:
         raise CubelmError(f"--index {','.join(kinds)}: each must be one of {', '.join(KINDS)}")
-    # flat first: it is the exact reference the others' overlap@10 is measured against
-    return sorted(dict.fromkeys(kinds), key=lambda kind: kind != "flat")
+    if not ef_searches or min(ef_searches) < 1:
+        raise CubelmError(f"--ef-search {ef_searches}: give one or more values >= 1")
+    out = []
+    for kind in sorted(dict.fromkeys(kinds), key=lambda kind: kind != "flat"):
+        own = {key: v for key, v in params.items() if _applies(kind, key)}
+        if kind == "hnsw":
+            efs = list(dict.fromkeys(ef_searches))
+            out += [(kind if len(efs) == 1 else f"hnsw ef={ef}", kind, own | {"ef_search": ef}) for ef in efs]
+        else:
+            out.append((kind, kind, own))
+    return out
 
 
 def markdown_table(results: list[EmbedderResult]) -> str:
