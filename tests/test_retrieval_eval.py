@@ -15,7 +15,7 @@ import pytest
 
 from cubelm.errors import CubelmError
 from cubelm.eval.retrieval_metrics import mean_metrics, ndcg_at_k, recall_at_k, reciprocal_rank
-from cubelm.eval.retrieval_set import build_retrieval_set, first_sentence, strip_name
+from cubelm.eval.retrieval_set import build_retrieval_set, first_sentence, strip_docstrings, strip_name
 from helpers import assert_clean_error, cli_in_process
 
 
@@ -134,6 +134,16 @@ def test_first_sentence_and_strip_name():
     assert first_sentence("No full stop\non two lines") == "No full stop on two lines"
     assert strip_name("Like `Strings.shout()` does, shout loudly.", "shout") == "Like does, loudly."
     assert strip_name("Open a file; reopen stays.", "open") == "a file; reopen stays."
+
+
+def test_strip_docstrings_keeps_lines_and_code():
+    import ast
+
+    from cubelm.rag.chunking import split_lines
+    src = 'def f(): """Héllo, one line."""; return 1\n\nclass Ünï:\n    """Two\n    lines."""\n    x = "ü"\n'
+    out = strip_docstrings(split_lines(src), ast.parse(src))
+    # one entry per line (chunk line ranges still index it); UTF-8 byte offsets of ast handled
+    assert out == ["def f(): ; return 1\n", "\n", "class Ünï:\n", "", "", '    x = "ü"\n']
 
 
 def test_set_from_a_package(package):
