@@ -200,6 +200,13 @@ def test_index_variants():
         index_variants(["hnsw"], params, [0])
 
 
+def test_split_embedder():
+    from cubelm.eval.retrieval import split_embedder
+    assert split_embedder("default:mean") == ("default", "mean")
+    assert split_embedder("all-minilm-l6-v2") == ("all-minilm-l6-v2", None)
+    assert split_embedder("C:/models/x") == ("C:/models/x", None)  # not a pooling mode: part of the name
+
+
 def test_cli_bad_input(capsys, package):
     assert_clean_error(cli_in_process(capsys, "eval", "retrieval", "--ef-search", "16,lots", "--source", package),
                        "--ef-search")

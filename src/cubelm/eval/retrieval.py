@@ -66,14 +66,13 @@ def split_embedder(spec: str) -> tuple[str, str | None]:
 
 
 def load_eval_embedder(spec: str, device: str = "cpu"):
-    from cubelm.rag.embedder import PACKAGED_MODELS, load_embedder
+    from cubelm.rag.embedder import load_embedder
     name, pooling = split_embedder(spec)
-    if name == "default" and name not in PACKAGED_MODELS:
-        from cubelm.engine.commands import resolve_model_dir
-        emb = load_embedder(str(resolve_model_dir(None)), pooling=pooling, device=device)
-        emb.name = "default"
-    else:
-        emb = load_embedder(name, pooling=pooling, device=device)
+    if name != "default":
+        return load_embedder(name, pooling=pooling, device=device)
+    from cubelm.engine.commands import resolve_model_dir
+    emb = load_embedder(str(resolve_model_dir(None)), pooling=pooling, device=device)
+    emb.name = "default"  # not the store's digest directory name
     return emb
 
 
