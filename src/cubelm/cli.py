@@ -56,6 +56,9 @@ VERBS: list[Verb] = [
          "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
     Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
          "cubelm.eval.commands:BpbOptions:run_bpb"),
+    Verb("eval retrieval",
+         "Recall@k, MRR, nDCG of embedders x index types on a labeled stdlib set; build, size, latency.",
+         "cubelm.eval.commands:RetrievalOptions:run_retrieval"),
     Verb("lora merge", "Fold a LoRA adapter (peft format) into its base model: a plain HF model directory.",
          "cubelm.finetune.lora_commands:MergeOptions:run_merge"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
@@ -117,7 +120,7 @@ _GROUPS = {
     "data": "Corpus preparation: read, clean + dedup (report), tokenize, pack shards; inspect packed data.",
     "tokenizer": "Train a byte-level BPE tokenizer (HF format, chat template).",
     "model": "Create a random model from a preset, or show a model's config and size.",
-    "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
+    "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines) or retrieval (labeled stdlib set).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
