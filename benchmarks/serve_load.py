@@ -1,8 +1,9 @@
 """Load benchmark for ``cubelm serve`` (§6.3.2, §6.3.3): streaming requests, Poisson arrivals or fixed concurrency.
 
-Definitions follow vLLM's ``bench serve``: TTFT = time to the first streamed token; ITL = gaps between streamed
-chunks; TPOT = (latency - TTFT) / (output tokens - 1) per request; E2E = request latency; throughput = completed
-requests (and output tokens) per second of the run. ``--sweep`` runs the whole protocol and checks the goals:
+The client and the metrics are ``cubelm bench serve``'s (``cubelm.eval.serve_bench``, vLLM's definitions: TTFT =
+time to the first streamed token; ITL = gaps between streamed chunks; TPOT = (latency - TTFT) / (output tokens - 1)
+per request; E2E = request latency; throughput = completed requests (and output tokens) per second of the run);
+this script adds a protocol around them, starting the server itself. ``--sweep`` runs it and checks the goals:
 
 1. unloaded: one request at a time (the baseline TTFT);
 2. peak: every request at once (``rate=inf``), whose request rate is the peak throughput;
@@ -23,13 +24,11 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -39,82 +38,25 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    de
            "for i in range(10):", "with open(path) as f:", "def quicksort(xs):\n    if len(xs) < 2:"]
 
 
-@dataclass
-class Result:
-    ok: bool
-    ttft: float = 0.0
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    error: str = ""
+def run_load(base: str, num_prompts: int, max_tokens: int, rate: float, max_concurrency: int | None,
+             seed: int = 0) -> dict:
+    """One run through ``cubelm bench serve``'s client and metrics (``cubelm.eval.serve_bench``): Poisson arrivals
+    at ``rate`` (inf = all at once), the text prompts above in turn."""
+    from cubelm.eval.serve_bench import BenchRequest, arrival_offsets, compute_metrics, run_requests
 
+    async def go():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600, connect=60), limits=limits) as c:
+            model = (await c.get("/v1/models")).json()["data"][0]["id"]
+            reqs = [BenchRequest(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(num_prompts)]
+            offsets = arrival_offsets(num_prompts, rate, 1.0, np.random.default_rng(seed))
+            return await run_requests(c, "/v1/completions", model, reqs, offsets, max_concurrency=max_concurrency,
+                                      ignore_eos=True)
 
-async def one_request(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> Result:
-    body = {"model": None, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    last, r = None, Result(ok=False)
-    try:
-        async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                return Result(ok=False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(ok=False, error=chunk["error"]["message"])
-                if chunk.get("usage"):
-                    r.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    now = time.perf_counter()
-                    if last is None:
-                        r.ttft = now - t0
-                    else:
-                        r.itl.append(now - last)
-                    last = now
-        r.latency, r.ok = time.perf_counter() - t0, True
-    except (httpx.HTTPError, OSError) as e:
-        r.error = f"{type(e).__name__}: {e}"
-    return r
-
-
-async def run_load(base: str, num_prompts: int, max_tokens: int, rate: float, max_concurrency: int | None,
-                   seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=60), limits=limits) as client:
-        async def limited(p):
-            if sem is None:
-                return await one_request(client, base, p, max_tokens)
-            async with sem:
-                return await one_request(client, base, p, max_tokens)
-
-        tasks, t0 = [], time.perf_counter()
-        for i in range(num_prompts):
-            tasks.append(asyncio.create_task(limited(PROMPTS[i % len(PROMPTS)])))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))  # Poisson process: exponential gaps
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - t0
-    return summarize(results, duration, rate, max_concurrency)
-
-
-def summarize(results: list[Result], duration: float, rate: float, max_concurrency: int | None) -> dict:
-    ok = [r for r in results if r.ok]
-    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731 - ms
-    ttft = [r.ttft for r in ok]
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    itl = [x for r in ok for x in r.itl]
-    e2e = [r.latency for r in ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    return {"rate": rate, "max_concurrency": max_concurrency, "completed": len(ok), "failed": len(results) - len(ok),
-            "errors": sorted({r.error for r in results if not r.ok})[:3], "duration_s": duration,
-            "req_per_s": len(ok) / duration, "output_tok_per_s": out_tokens / duration,
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "tpot_p50_ms": pct(tpot, 50),
-            "tpot_p99_ms": pct(tpot, 99), "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99),
-            "e2e_p50_ms": pct(e2e, 50), "e2e_p99_ms": pct(e2e, 99)}
+    outputs, duration = asyncio.run(go())
+    r = compute_metrics(outputs, duration, percentiles=(50, 99))
+    return {**r, "rate": rate, "max_concurrency": max_concurrency,
+            "errors": sorted({o.error for o in outputs if not o.success})[:3]}
 
 
 HEADER = ("| load | done | failed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms "
@@ -122,9 +64,10 @@ HEADER = ("| load | done | failed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT
 
 
 def row(label: str, s: dict) -> str:
-    return (f"| {label} | {s['completed']} | {s['failed']} | {s['req_per_s']:.2f} | {s['output_tok_per_s']:.0f} | "
-            f"{s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | {s['tpot_p50_ms']:.1f} / {s['tpot_p99_ms']:.1f} | "
-            f"{s['itl_p50_ms']:.1f} / {s['itl_p99_ms']:.1f} | {s['e2e_p50_ms']:.0f} / {s['e2e_p99_ms']:.0f} |")
+    return (f"| {label} | {s['completed']} | {s['failed']} | {s['request_throughput']:.2f} | "
+            f"{s['output_throughput']:.0f} | {s['p50_ttft_ms']:.0f} / {s['p99_ttft_ms']:.0f} | "
+            f"{s['p50_tpot_ms']:.1f} / {s['p99_tpot_ms']:.1f} | {s['p50_itl_ms']:.1f} / {s['p99_itl_ms']:.1f} | "
+            f"{s['p50_e2el_ms']:.0f} / {s['p99_e2el_ms']:.0f} |")
 
 
 # ---- the server under test -------------------------------------------------------------------------------------
@@ -160,14 +103,14 @@ def start_server(model: Path, delay_ms: float, extra: list[str]) -> tuple[subpro
 
 def sweep(base: str, args) -> list[tuple[str, dict]]:
     out = []
-    run = lambda **kw: asyncio.run(run_load(base, max_tokens=args.max_tokens, **kw))  # noqa: E731
+    run = lambda **kw: run_load(base, max_tokens=args.max_tokens, **kw)  # noqa: E731
     run(num_prompts=4, rate=float("inf"), max_concurrency=4)  # warm-up
     unloaded = run(num_prompts=10, rate=float("inf"), max_concurrency=1)
     out.append(("unloaded (concurrency 1)", unloaded))
     peak = run(num_prompts=args.num_prompts, rate=float("inf"), max_concurrency=None)
     out.append((f"peak (all {args.num_prompts} at once)", peak))
     for frac in (0.25, 0.5, 0.75):
-        rate = frac * peak["req_per_s"]
+        rate = frac * peak["request_throughput"]
         out.append((f"Poisson {rate:.2f} req/s ({frac:g} x peak)",
                     run(num_prompts=args.num_prompts, rate=rate, max_concurrency=None)))
     out.append(("256 concurrent streams", run(num_prompts=256, rate=float("inf"), max_concurrency=256)))
@@ -203,7 +146,7 @@ def main() -> None:
             try:
                 rows = sweep(base, args) if args.sweep else [
                     (f"rate {args.rate}, concurrency {args.max_concurrency}",
-                     asyncio.run(run_load(base, args.num_prompts, args.max_tokens, args.rate, args.max_concurrency)))]
+                     run_load(base, args.num_prompts, args.max_tokens, args.rate, args.max_concurrency))]
             finally:
                 if proc is not None:
                     proc.terminate()
@@ -215,9 +158,9 @@ def main() -> None:
             report[str(delay)] = rows
             if args.sweep:
                 unloaded, half = rows[0][1], rows[3][1]
-                ok = half["ttft_p99_ms"] <= 3 * unloaded["ttft_p50_ms"]
-                print(f"\ngoal TTFT: p99 at 1/2 peak {half['ttft_p99_ms']:.0f} ms vs 3 x unloaded p50 "
-                      f"{3 * unloaded['ttft_p50_ms']:.0f} ms: {'met' if ok else 'NOT met'}; goal 256 streams: "
+                ok = half["p99_ttft_ms"] <= 3 * unloaded["p50_ttft_ms"]
+                print(f"\ngoal TTFT: p99 at 1/2 peak {half['p99_ttft_ms']:.0f} ms vs 3 x unloaded p50 "
+                      f"{3 * unloaded['p50_ttft_ms']:.0f} ms: {'met' if ok else 'NOT met'}; goal 256 streams: "
                       f"{rows[-1][1]['failed']} errors ({'met' if rows[-1][1]['failed'] == 0 else 'NOT met'})\n")
             for _, s in rows:
                 if s["errors"]:

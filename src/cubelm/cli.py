@@ -56,12 +56,17 @@ VERBS: list[Verb] = [
          "cubelm.train.commands:BuildDefaultOptions:run_build_default"),
     Verb("eval bpb", "Bits per byte on held-out text, next to gzip -9 and a unigram baseline.",
          "cubelm.eval.commands:BpbOptions:run_bpb"),
+    Verb("eval retrieval",
+         "Recall@k, MRR, nDCG of embedders x index types on a labeled stdlib set; build, size, latency.",
+         "cubelm.eval.commands:RetrievalOptions:run_retrieval"),
     Verb("lora merge", "Fold a LoRA adapter (peft format) into its base model: a plain HF model directory.",
          "cubelm.finetune.lora_commands:MergeOptions:run_merge"),
     Verb("generate", "Generate text from a model directory (reference path: contiguous KV cache).",
          "cubelm.engine.commands:GenerateOptions:run_generate"),
     Verb("bench decode", "Decode speed of the engine (batch 1 or N) against the host's memory-bandwidth bound.",
          "cubelm.engine.bench:BenchDecodeOptions:run_bench_decode"),
+    Verb("bench serve", "Load-test an OpenAI-compatible server (as vllm bench serve): TTFT/TPOT/ITL/E2EL, goodput.",
+         "cubelm.eval.serve_bench_commands:BenchServeOptions:run_bench_serve"),
     Verb("pull", "Pull a model (s3://, gs://, http(s)://, file://) into the local store, verified by sha256.",
          "cubelm.store.commands:PullOptions:run_pull"),
     Verb("push", "Push a model directory with its sha256 manifest to s3://, gs:// or a directory.",
@@ -108,6 +113,8 @@ VERBS: list[Verb] = [
          "cubelm.systems.commands:FlopsOptions:run_flops"),
     Verb("pipeline simulate", "Simulate a pipeline schedule: device timelines, bubble fraction, in-flight activations.",
          "cubelm.systems.pipeline_commands:SimulateOptions:run_simulate"),
+    Verb("autoscale simulate", "Simulate HPA / KEDA autoscaling on a traffic trace from a measured capacity curve.",
+         "cubelm.systems.autoscale_commands:SimulateOptions:run_simulate"),
 ]
 
 
@@ -115,14 +122,16 @@ _GROUPS = {
     "data": "Corpus preparation: read, clean + dedup (report), tokenize, pack shards; inspect packed data.",
     "tokenizer": "Train a byte-level BPE tokenizer (HF format, chat template).",
     "model": "Create a random model from a preset, or show a model's config and size.",
-    "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines).",
+    "eval": "Evaluate a model (bits per byte vs gzip and unigram baselines) or retrieval (labeled stdlib set).",
     "lora": "LoRA adapters: merge one into its base model (W + s·B·A), a plain HF model directory.",
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
-    "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
+    "bench": "Benchmarks: engine decode speed; a load test of any OpenAI-compatible server (the side-by-side "
+             "comparisons with other engines are in benchmarks/).",
     "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index, route an inference "
            "graph (encoder service -> index -> LLM service).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
+    "autoscale": "Autoscaling model (§6.2.2): replicas, SLO violations and cost of HPA / KEDA vs a fixed fleet.",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
                 "lookups that feed the chat prompt.",
 }
