@@ -100,6 +100,8 @@ VERBS: list[Verb] = [
          "cubelm.rag.commands:IngestOptions:run_ingest"),
     Verb("rag query", "Search a vector index with a text query: top-k chunks with scores and file:line citations.",
          "cubelm.rag.commands:QueryOptions:run_query"),
+    Verb("rag chat", "Answer a question from a vector index with an LLM: grounded prompt, answer, cited sources.",
+         "cubelm.rag.chat:ChatOptions:run_chat"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
          "cubelm.systems.commands:PlanOptions:run_plan"),
     Verb("flops", "FLOPs of a matmul and of a model per token (prefill and decode).",
@@ -118,7 +120,7 @@ _GROUPS = {
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
-    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
+    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index, chat over it.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
                 "lookups that feed the chat prompt.",
