@@ -171,3 +171,26 @@ def test_rag_chat_cli_prints_the_answer_and_the_sources(capsys, model_dir, rag_i
     assert_clean_error(r, "k must be")
     r = cli_in_process(capsys, "rag", "chat", "--index", rag_index, "--model", model_dir, "--where", "x", QUESTION)
     assert_clean_error(r, "--where")
+
+
+def test_grounded_prompt_fits_the_context_dropping_the_lowest_ranked_sources(model_dir):
+    from cubelm.data.tokenizer import load_tokenizer
+    from cubelm.errors import CubelmError
+    from cubelm.rag.chat import ground
+    from cubelm.rag.store import Hit
+    tok = load_tokenizer(model_dir)
+    hits = [Hit(f"h{i}", 1.0 - i / 10, "\n".join(f"line {j} of source {i}: def add(a, b): return a + b"
+                                                   for j in range(2)),
+                {"source": f"s{i}.py", "start_line": 1, "end_line": 2}) for i in range(4)]
+    msgs = [{"role": "user", "content": QUESTION}]
+    kept_counts = []
+    for max_len in range(420, 1030, 30):  # this tiny tokenizer spends ~360 tokens on the instruction
+        p = ground(tok, msgs, hits, max_model_len=max_len, max_tokens=32)
+        ids = tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True), add_special_tokens=False)
+        assert len(ids) + 32 <= max_len  # prompt + answer fit the context
+        assert [h.id for h in p.hits] == [h.id for h in hits[:len(p.hits)]]  # a prefix of the ranking
+        kept_counts.append(len(p.hits))
+    assert kept_counts == sorted(kept_counts) and kept_counts[0] < kept_counts[-1] == len(hits)
+    assert len(set(kept_counts)) >= 3, kept_counts  # some contexts keep only part of the sources
+    with pytest.raises(CubelmError, match="no room"):
+        ground(tok, msgs, hits, max_model_len=300, max_tokens=32)

@@ -14,7 +14,6 @@ the lowest-ranked chunks are dropped (``cubelm.rag.prompt.fit_hits``) rather tha
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 from cubelm.cli import opt
@@ -126,6 +125,6 @@ def run_chat(o: ChatOptions) -> int:
     for c in cits:
         first = next((line.strip() for line in c["text"].splitlines() if line.strip()), "")
         print(f"  [{c['index']}]{'*' if c['cited'] else ' '} {c['label']}  ({c['score']:.3f})  {first[:80]}")
-    if cits:
-        print("  (* = cited in the answer)", file=sys.stderr)
+    if any(c["cited"] for c in cits):
+        print("  (* = cited in the answer)")
     return 0
