@@ -146,6 +146,20 @@ def test_bad_requests_are_400_naming_the_field(rag_server, patch, param):
     assert err["param"] == param and param in err["message"], err
 
 
+def test_metrics_count_retrievals_and_cited_sources(rag_server, client):
+    def scrape() -> dict:
+        text = httpx.get(f"{rag_server.base}/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("cubelm:rag_")}
+    before = scrape()
+    _ask(client, extra_body={"rag": {"k": 3}})
+    after = scrape()
+    key = 'cubelm:rag_retrieval_seconds_count{model_name="m"}'
+    assert after[key] == before.get(key, 0) + 1
+    sources = [k for k in after if k.startswith("cubelm:rag_sources_total")]
+    assert sum(after[k] - before.get(k, 0) for k in sources) == 3
+
+
 def test_route_is_documented(rag_server):
     doc = httpx.get(f"{rag_server.base}/openapi.json").json()
     op = doc["paths"]["/v1/rag/chat"]["post"]

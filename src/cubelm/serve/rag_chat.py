@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -78,14 +79,29 @@ def _same_model(a: str | None, b: str) -> bool:
     return a is not None and resolve_embedder(a)[1].resolve() == resolve_embedder(b)[1].resolve()
 
 
-class RagService:
-    """The retriever, on its own thread."""
+class RagMetrics:
+    def __init__(self, registry, model_name: str) -> None:
+        from prometheus_client import Counter, Histogram
+        self.name = model_name
+        self.retrieval = Histogram("cubelm:rag_retrieval_seconds", "Time to embed a question and search the index.",
+                                   ["model_name"], registry=registry,
+                                   buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
+        self.sources = Counter("cubelm:rag_sources", "Sources put into grounded prompts, by whether the answer "
+                               "cited them ([n]).", ["model_name", "cited"], registry=registry)
 
-    def __init__(self, executor: ThreadPoolExecutor, retriever) -> None:
-        self.executor, self.retriever = executor, retriever
+    def answered(self, cits: list[dict]) -> None:
+        for c in cits:
+            self.sources.labels(self.name, "true" if c["cited"] else "false").inc()
+
+
+class RagService:
+    """The retriever, on its own thread, and its metrics."""
+
+    def __init__(self, executor: ThreadPoolExecutor, retriever, metrics: RagMetrics | None = None) -> None:
+        self.executor, self.retriever, self.metrics = executor, retriever, metrics
 
     @classmethod
-    def load(cls, options, embedding=None) -> RagService:
+    def load(cls, options, embedding=None, registry=None) -> RagService:
         from cubelm.rag.retrieve import Retriever
         from cubelm.rag.store import open_store
 
@@ -98,15 +114,25 @@ class RagService:
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cubelm-rag")
         try:
-            return cls(executor, executor.submit(open_retriever).result())
+            metrics = RagMetrics(registry, options.served_model_name) if registry is not None else None
+            return cls(executor, executor.submit(open_retriever).result(), metrics)
         except BaseException:
             executor.shutdown(wait=False)
             raise
 
     async def retrieve(self, question: str, o: RagOptions):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: self.retriever.retrieve(
+        start = time.perf_counter()
+        hits = await loop.run_in_executor(self.executor, lambda: self.retriever.retrieve(
             question, o.k, fetch_k=o.fetch_k, mmr_lambda=o.mmr_lambda, where=o.where))
+        if self.metrics is not None:
+            self.metrics.retrieval.labels(self.metrics.name).observe(time.perf_counter() - start)
+        return hits
+
+    def answered(self, cits: list[dict]) -> list[dict]:
+        if self.metrics is not None:
+            self.metrics.answered(cits)
+        return cits
 
     def close(self) -> None:
         try:
@@ -143,9 +169,11 @@ def add_rag_routes(app, state, client_id, responses) -> None:
         _check_rag_options(req.rag)
         messages = req.chat_messages()
         try:
-            _, _, question = split_conversation(messages)
+            _, _, question = split_conversation(messages)  # the user's own words are what is retrieved for
         except CubelmError as e:
             raise APIError(400, str(e), param="messages") from None
+        if state.feature_store is not None and req.user:  # as /v1/chat/completions: the user's features too
+            messages = await state.personalize(req.user, messages)  # a system preamble: the question stays last
         hits = await state.rag.retrieve(question, req.rag)
         max_tokens = req.requested_max_tokens()
         try:
@@ -160,7 +188,8 @@ def add_rag_routes(app, state, client_id, responses) -> None:
                                 adapter=adapter)
         responder = Responder(job, state.tokenizer, state.metrics, state.options.request_timeout)
         if job.stream:
-            return SSEResponse(_stream_with_citations(responder, reqs, prompt.hits, citations(prompt.hits)))
+            return SSEResponse(_stream_with_citations(responder, reqs, prompt.hits, citations(prompt.hits),
+                                                      state.rag.answered))
         body = await until_disconnect(responder.collect(reqs), request.receive)
         if body is None:  # the client went away; nobody reads this
             state.metrics.rejected("disconnect")
@@ -168,10 +197,10 @@ def add_rag_routes(app, state, client_id, responses) -> None:
         answers = [""] * len(body["choices"])
         for c in body["choices"]:
             answers[c["index"]] = c["message"]["content"] or ""
-        return body | {"citations": annotated_citations(prompt.hits, answers)}
+        return body | {"citations": state.rag.answered(annotated_citations(prompt.hits, answers))}
 
 
-async def _stream_with_citations(responder, reqs, hits, cits: list[dict]):
+async def _stream_with_citations(responder, reqs, hits, cits: list[dict], answered):
     """The chat stream of ``responder`` with the sources first and, before the usage chunk, what the text cited."""
     from cubelm.rag.chat import annotated_citations
 
@@ -181,7 +210,7 @@ async def _stream_with_citations(responder, reqs, hits, cits: list[dict]):
     final_sent = failed = False
 
     def final() -> str:
-        return sse(envelope | {"choices": [], "citations": annotated_citations(hits, texts)})
+        return sse(envelope | {"choices": [], "citations": answered(annotated_citations(hits, texts))})
 
     async for event in responder.stream(reqs):
         if event == DONE:

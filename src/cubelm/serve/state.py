@@ -57,7 +57,7 @@ class ServerState:
                 self.embedding = EmbeddingService.load(self.options, self.metrics.registry)
             if getattr(self.options, "rag_index", None):
                 from cubelm.serve.rag_chat import RagService
-                self.rag = RagService.load(self.options, self.embedding)
+                self.rag = RagService.load(self.options, self.embedding, self.metrics.registry)
             self.loaded = True
         except BaseException as e:  # noqa: BLE001 - reported by `cubelm serve`, which then exits non-zero
             self.load_error = e
