@@ -120,7 +120,7 @@ _GROUPS = {
     "compress": "Model compression: pruning, distillation, low rank, layer sharing, SmoothQuant / W8A8, Deep "
                 "Compression.",
     "bench": "Benchmarks of cubelm alone (the side-by-side comparisons with other engines are in benchmarks/).",
-    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index, chat over it.",
+    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index.",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "
                 "lookups that feed the chat prompt.",
