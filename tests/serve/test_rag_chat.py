@@ -160,6 +160,25 @@ def test_metrics_count_retrievals_and_cited_sources(rag_server, client):
     assert sum(after[k] - before.get(k, 0) for k in sources) == 3
 
 
+def test_a_failing_store_is_a_503_and_the_server_lives_on(rag_server, client):
+    from cubelm.errors import CubelmError
+
+    class Down:
+        def retrieve(self, *a, **kw):
+            raise CubelmError("the Chroma server at http://x:8000 is unreachable")
+
+    service = rag_server.state.rag
+    real, service.retriever = service.retriever, Down()
+    try:
+        r = httpx.post(f"{rag_server.base}/v1/rag/chat", json={"messages": [{"role": "user", "content": QUESTION}]},
+                       timeout=60)
+    finally:
+        service.retriever = real
+    assert r.status_code == 503 and r.json()["error"]["code"] == "retrieval_failed", r.text
+    assert "unreachable" in r.json()["error"]["message"]
+    assert _ask(client).model_extra["citations"][0]["label"] == FACT_LABEL
+
+
 def test_route_is_documented(rag_server):
     doc = httpx.get(f"{rag_server.base}/openapi.json").json()
     op = doc["paths"]["/v1/rag/chat"]["post"]

@@ -174,7 +174,11 @@ def add_rag_routes(app, state, client_id, responses) -> None:
             raise APIError(400, str(e), param="messages") from None
         if state.feature_store is not None and req.user:  # as /v1/chat/completions: the user's features too
             messages = await state.personalize(req.user, messages)  # a system preamble: the question stays last
-        hits = await state.rag.retrieve(question, req.rag)
+        try:
+            hits = await state.rag.retrieve(question, req.rag)
+        except CubelmError as e:  # the options were checked above: this is the store's side (a server down, ...)
+            raise APIError(503, f"retrieval failed: {e}", type="server_error", code="retrieval_failed") from None
+        state.check_available()  # a drain that began during the retrieval refuses the request now, not the engine
         max_tokens = req.requested_max_tokens()
         try:
             prompt = ground(state.tokenizer, messages, hits, max_model_len=state.engine.max_model_len,
