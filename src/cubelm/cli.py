@@ -105,6 +105,8 @@ VERBS: list[Verb] = [
          "cubelm.rag.commands:IngestOptions:run_ingest"),
     Verb("rag query", "Search a vector index with a text query: top-k chunks with scores and file:line citations.",
          "cubelm.rag.commands:QueryOptions:run_query"),
+    Verb("rag chat", "Answer a question from a vector index with an LLM: grounded prompt, answer, cited sources.",
+         "cubelm.rag.chat:ChatOptions:run_chat"),
     Verb("rag router", "Inference graph router: embed (encoder service) -> search --index -> LLM service, cited.",
          "cubelm.serve.router_commands:RouterOptions:run_router"),
     Verb("plan", "Memory plan for a model: weights, KV cache, activations, training states vs a budget.",
@@ -128,8 +130,8 @@ _GROUPS = {
                 "Compression.",
     "bench": "Benchmarks: engine decode speed; a load test of any OpenAI-compatible server (the side-by-side "
              "comparisons with other engines are in benchmarks/).",
-    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index, route an inference "
-           "graph (encoder service -> index -> LLM service).",
+    "rag": "Retrieval: ingest (chunk, embed, index) a directory or the stdlib, query an index, chat with cited "
+           "sources, route an inference graph (encoder service -> index -> LLM service).",
     "pipeline": "Pipeline-parallel schedule simulator (bubbles, timelines).",
     "autoscale": "Autoscaling model (§6.2.2): replicas, SLO violations and cost of HPA / KEDA vs a fixed fleet.",
     "features": "Feature store for the Q&A service (Feast; the feature-store extra): point-in-time joins, online "

@@ -31,12 +31,27 @@ def fuzz_server(model_dir, tmp_path_factory):
     from cubelm.finetune.config import LoraConfig
     from lora_helpers import make_adapter
     adapter = make_adapter(model_dir, tmp_path_factory.mktemp("fuzz") / "a", LoraConfig(r=4), seed=0)
-    # /v1/embeddings too, with the same tiny model as the embedder (cubelm's decoder, last-token pooling)
+    # /v1/embeddings too, with the same tiny model as the embedder (cubelm's decoder, last-token pooling), and
+    # /v1/rag/chat over an index built with that embedder
+    index = _rag_index(model_dir, tmp_path_factory.mktemp("fuzz_rag"))
     p = ServeProcess(model_dir, "--max-model-len", "64", "--request-timeout", "20", "--max-n", "4",
                      "--lora-modules", f"fuzz-adapter-0={adapter}", "--enable-runtime-lora",
-                     "--embed-model", str(model_dir)).start()
+                     "--embed-model", str(model_dir), "--rag-index", str(index),
+                     "--rag-embed-model", str(model_dir)).start()
     yield p
     p.stop()
+
+
+def _rag_index(model_dir, root):
+    from cubelm.rag.embedder import load_embedder
+    from cubelm.rag.store import open_store
+    emb = load_embedder(str(model_dir))
+    texts = ["def add(a, b):\n    return a + b\n", "class Point:\n    x: int = 0\n"]
+    store = open_store(root / "idx", dim=emb.dim, info={"embedder": emb.name})
+    store.add(["a.py:1-2", "b.py:1-2"], emb.encode(texts), texts,
+              [{"source": f"{n}.py", "start_line": 1, "end_line": 2} for n in "ab"])
+    store.save()
+    return root / "idx"
 
 
 def operations(base: str) -> list:
@@ -50,6 +65,7 @@ def test_api_never_fails_and_follows_its_document(fuzz_server, mode):
     ops = operations(fuzz_server.base)
     assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
                                        "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/embeddings",
+                                       "/v1/rag/chat", "/v1/rag/chat/completions",
                                        "/v2/health/ready",
                                        "/v2/models/{model_name}", "/v2/models/{model_name}/infer",
                                        "/v2/models/{model_name}/generate", "/v2/models/{model_name}/generate_stream"}

@@ -172,6 +172,15 @@ class FaissStore:
         rows = self.db.rows(keys.values())
         return [Hit(i, float("nan"), rows[keys[i]][1], rows[keys[i]][2]) if i in keys else None for i in ids]
 
+    def vectors(self, ids) -> np.ndarray:
+        """(len(ids), dim) stored float vectors (unit length), in the order of ``ids`` (MMR reranking reads them)."""
+        ids = list(ids)
+        keys = self.db.keys_of(ids)
+        missing = [i for i in ids if i not in keys]
+        if missing:
+            raise CubelmError(f"no item with id {missing[0]!r} in the index")
+        return self.db.vectors([keys[i] for i in ids], self.dim)
+
     # ---- persistence ----------------------------------------------------------------------------------------
 
     def save(self) -> None:

@@ -6,9 +6,10 @@ route), ``GET /health`` (liveness), ``GET /ready`` (503 while loading or drainin
 (Prometheus), OpenAPI docs at ``/docs``; with ``--enable-runtime-lora`` also ``POST /v1/load_lora_adapter`` and
 ``POST /v1/unload_lora_adapter`` (``cubelm.serve.lora``); KServe V2 under ``/v2`` (``cubelm.serve.v2``, also over
 gRPC with ``--grpc-port``); with ``--feature-store`` a chat request's ``user`` pulls that user's online
-features into the prompt (``cubelm.rag.features``). A request's ``model`` is the base model or an adapter. The model loads in a background
-thread so that ``/health`` and ``/ready`` answer from the first second. Build one with
-``create_app(ServerState(options))``; ``cubelm serve`` runs it.
+features into the prompt (``cubelm.rag.features``); with ``--rag-index`` ``POST /v1/rag/chat``
+(retrieval-augmented chat with citations, ``cubelm.serve.rag_chat``). A request's ``model`` is the base model or
+an adapter. The model loads in a background thread so that ``/health`` and ``/ready`` answer from the first
+second. Build one with ``create_app(ServerState(options))``; ``cubelm serve`` runs it.
 Every error a route can return is in the OpenAPI document with OpenAI's error body (``cubelm.serve.openapi``).
 """
 
@@ -108,6 +109,9 @@ def create_app(state: ServerState) -> FastAPI:
         return app
 
     _add_generation_routes(app, state, client_id)
+    if getattr(state.options, "rag_index", None):
+        from cubelm.serve.rag_chat import add_rag_routes
+        add_rag_routes(app, state, client_id, GENERATE_RESPONSES)
     if state.options.enable_runtime_lora:
         add_lora_routes(app, state, client_id)
     from cubelm.serve.v2.rest import add_v2_routes

@@ -7,6 +7,7 @@
     cubelm serve --task embed --model all-minilm-l6-v2            # /v1/embeddings only (adaptive batching)
     cubelm serve --model DIR --embed-model all-minilm-l6-v2       # generation and /v1/embeddings
     cubelm serve --model DIR --feature-store qa_repo   # chat requests with `user` are personalized (§6.1.6)
+    cubelm serve --model DIR --rag-index idx/          # POST /v1/rag/chat: answers with file:line citations
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class ServeOptions:
     feature_store: str | None = opt(None, help="feature repo (`cubelm features demo`; needs the feature-store "
                                                "extra): a chat request with OpenAI's `user` field gets that user's "
                                                "online features as a system preamble", metavar="REPO_DIR")
+    rag_index: str | None = opt(None, help="serve POST /v1/rag/chat over this vector index (`cubelm rag ingest`; "
+                                           "a directory or http://HOST:PORT/COLLECTION): retrieval-augmented chat "
+                                           "with citations", metavar="PATH")
+    rag_embed_model: str | None = opt(None, help="the embedder for --rag-index queries; default: the one the index "
+                                                 "records (it must be the one it was built with)")
     log_level: str = opt("info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn log level")
     access_log: bool = opt(False, help="log every HTTP request")
 
@@ -120,9 +126,12 @@ class ServeOptions:
                               f">= 0, got {self.embed_max_batch}, {self.embed_max_batch_tokens}, "
                               f"{self.embed_max_delay_ms}")
         if self.task == "embed" and (self.lora_modules or self.enable_runtime_lora or self.embed_model
-                                     or self.grpc_port):
+                                     or self.grpc_port or self.rag_index):
             raise CubelmError("--task embed serves one embedding model (--model): --lora-modules, "
-                              "--enable-runtime-lora, --embed-model and --grpc-port are for --task generate")
+                              "--enable-runtime-lora, --embed-model, --grpc-port and --rag-index are for --task "
+                              "generate")
+        if self.rag_embed_model and not self.rag_index:
+            raise CubelmError("--rag-embed-model needs --rag-index")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise CubelmError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
 
@@ -159,6 +168,9 @@ def run_serve(o: ServeOptions) -> int:
     if o.embed_model:
         from cubelm.rag.embedder import resolve_embedder
         resolve_embedder(o.embed_model)
+    if o.rag_index:  # a missing or corrupt index, or an embedder that does not load, is one line now
+        from cubelm.serve.rag_chat import check_rag_index
+        check_rag_index(o.rag_index, o.rag_embed_model)
     return _run(o, path)
 
 

@@ -42,6 +42,7 @@ class ServerState:
         self.embedding = None  # cubelm.serve.embeddings.EmbeddingService (--task embed, --embed-model)
         self.loaded = False  # every model this server serves is loaded
         self.feature_store = None
+        self.rag = None  # cubelm.serve.rag_chat.RagService (--rag-index)
         if getattr(options, "feature_store", None):  # imported only here: the server without the extra is unchanged
             from cubelm.rag.features import open_store
             self.feature_store = open_store(options.feature_store)
@@ -54,6 +55,9 @@ class ServerState:
             if self.options.task == "embed" or self.options.embed_model:
                 from cubelm.serve.embeddings import EmbeddingService
                 self.embedding = EmbeddingService.load(self.options, self.metrics.registry)
+            if getattr(self.options, "rag_index", None):
+                from cubelm.serve.rag_chat import RagService
+                self.rag = RagService.load(self.options, self.embedding, self.metrics.registry)
             self.loaded = True
         except BaseException as e:  # noqa: BLE001 - reported by `cubelm serve`, which then exits non-zero
             self.load_error = e
@@ -103,6 +107,8 @@ class ServerState:
             self.llm.shutdown()
         if self.embedding is not None:
             self.embedding.close()
+        if self.rag is not None:
+            self.rag.close()
 
     def check_available(self) -> None:
         if self.engine_error is not None:
