@@ -179,6 +179,32 @@ def test_a_failing_store_is_a_503_and_the_server_lives_on(rag_server, client):
     assert _ask(client).model_extra["citations"][0]["label"] == FACT_LABEL
 
 
+def test_a_client_over_its_rate_limit_is_refused_before_retrieval(rag_server):
+    """Retrieval (an embedding forward and a search) runs before the prompt's token count is known, so the limit is
+    pre-checked first: the refused request costs no retrieval, and the 429 has a Retry-After."""
+    from cubelm.serve.ratelimit import RateLimitConfig, RateLimiter
+    state = rag_server.state
+    key = 'cubelm:rag_retrieval_seconds_count{model_name="m"}'
+
+    def retrievals() -> float:
+        text = httpx.get(f"{rag_server.base}/metrics").text
+        return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "temperature": 0}
+    real = state.limiter
+    state.limiter = RateLimiter(RateLimitConfig(requests_per_minute=1))
+    try:
+        first = httpx.post(f"{rag_server.base}/v1/rag/chat", json=body, timeout=60)
+        before = retrievals()
+        second = httpx.post(f"{rag_server.base}/v1/rag/chat", json=body, timeout=60)
+        after = retrievals()
+    finally:
+        state.limiter = real
+    assert first.status_code == 200, first.text
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1, second.text
+    assert after == before  # no retrieval for the refused request
+
+
 def test_route_is_documented(rag_server):
     doc = httpx.get(f"{rag_server.base}/openapi.json").json()
     op = doc["paths"]["/v1/rag/chat"]["post"]

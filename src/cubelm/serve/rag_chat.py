@@ -174,6 +174,7 @@ def add_rag_routes(app, state, client_id, responses) -> None:
             raise APIError(400, str(e), param="messages") from None
         if state.feature_store is not None and req.user:  # as /v1/chat/completions: the user's features too
             messages = await state.personalize(req.user, messages)  # a system preamble: the question stays last
+        await state.precheck_rate_limit(client)  # a client over its limit costs no embedding or search
         try:
             hits = await state.rag.retrieve(question, req.rag)
         except CubelmError as e:  # the options were checked above: this is the store's side (a server down, ...)

@@ -129,6 +129,15 @@ class RateLimiter:
                 delay = max(delay, wait)
         return delay
 
+    def precheck(self, client: str) -> None:
+        """A 429 when ``client`` could not be admitted even at the smallest cost (one request, one token); spends
+        nothing. For routes that do work before they know the request's token count (retrieval before a RAG
+        prompt exists): a client over its limit is refused before that work, not after it."""
+        for budget in self.budgets:
+            ok, wait = budget.hit(client, 1, commit=False)
+            if not ok:
+                raise self._refusal(budget, wait)
+
     def _refusal(self, budget: Budget, wait: float) -> APIError:
         retry = max(1, math.ceil(wait))
         return APIError(429, f"rate limit reached for {budget.name} per minute ({budget.per_minute}, "

@@ -183,6 +183,21 @@ class ServerState:
         self.metrics.feature_lookup("personalized" if out != messages else "unknown_user")
         return out
 
+    async def precheck_rate_limit(self, client: str) -> None:
+        """429 now if ``client`` is already over a limit (nothing spent; ``rate_limit`` charges later)."""
+        if self.limiter is None:
+            return
+        try:
+            if self.limiter_blocks:
+                await asyncio.to_thread(self.limiter.precheck, client)
+            else:
+                self.limiter.precheck(client)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as rate_limit: the storage's problem, not the client's
+            raise APIError(503, f"the rate-limit storage is unavailable ({type(e).__name__}); retry shortly",
+                           type="server_error", code="rate_limit_storage") from None
+
     async def rate_limit(self, client: str, num_tokens: int) -> float:
         if self.limiter is None:
             return 0.0
