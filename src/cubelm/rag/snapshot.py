@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cubelm.errors import CubelmError
+from cubelm.fsync import fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -38,14 +39,6 @@ save_hook: Callable[[str], None] | None = None
 def _step(name: str) -> None:
     if save_hook is not None:
         save_hook(name)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -70,15 +63,15 @@ def write_snapshot(root: Path, writers: dict[str, Callable[[Path], None]], manif
     files = {}
     for name, write in writers.items():
         write(tmp / name)
-        _fsync_path(tmp / name)
+        fsync_path(tmp / name)
         files[name] = _sha256(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": files}, indent=1))
-    _fsync_path(tmp / MANIFEST)
-    _fsync_path(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
     _step("files")
     final = root / f"v{(max(_versions(root), default=0) + 1):06d}"
     os.rename(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     _step("renamed")
     pointer = root / "CURRENT.tmp"
     with open(pointer, "w") as f:
@@ -86,7 +79,7 @@ def write_snapshot(root: Path, writers: dict[str, Callable[[Path], None]], manif
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer, root / "CURRENT")  # the commit point
-    _fsync_path(root)
+    fsync_path(root)
     _step("committed")
     _remove_stale(root, keep=final.name)
     return final

@@ -140,14 +140,7 @@ async def admit(state, req, client: str, prompts: list[list[int]], *, chat: bool
               model=adapter.name if adapter is not None else state.model_name, prompts=prompts, params=params,
               stream=req.stream, include_usage=req.include_usage, received=received,
               deadline=received + timeout if timeout else None, lora_request=adapter)
-    delay = await state.rate_limit(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
-    if delay > 0:  # leaky bucket: wait for our turn in the queue
-        state.num_delayed += 1
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            state.num_delayed -= 1
-        state.check_available()
+    await state.wait_for_turn(client, sum(map(len, prompts)) + len(prompts) * params.n * max_tokens)
     return job, submit_all(state.llm, job, state.live)
 
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cubelm.errors import CubelmError
+from cubelm.fsync import fsync_path
 from cubelm.store import paths
 from cubelm.store.manifest import FileEntry, Manifest, build_manifest, parse_manifest
 from cubelm.store.remote import Location, TransientError, open_location
@@ -99,9 +100,9 @@ def _download(location: Location, manifest: Manifest, name: str, final: Path) ->
     for entry in manifest.files:
         fetched += _fetch_verified(location, entry, partial / entry.path)
     (partial / paths.MANIFEST_NAME).write_bytes(manifest.to_json())
-    _fsync_dir(partial)
+    fsync_path(partial)
     os.rename(partial, final)  # atomic: the version directory appears complete and verified, or not at all
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     dt = time.perf_counter() - t0
     _log(f"pulled {name}@{manifest.digest[:12]}: {_mib(fetched)} downloaded in {dt:.1f}s")
 
@@ -197,14 +198,6 @@ def _append(location: Location, entry: FileEntry, part: _Partial) -> None:
                 return  # too long: the caller reports the size mismatch
     finally:
         chunks.close()  # the HTTP response / S3 file, now rather than at garbage collection
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mib(n: int) -> str:

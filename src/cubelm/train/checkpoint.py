@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cubelm.errors import CubelmError
+from cubelm.fsync import fsync_tree
 
 STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 
@@ -39,15 +40,6 @@ def _fault_injection_pause() -> None:
     if seconds:
         import time
         time.sleep(seconds)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in [*path.iterdir(), path]:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_checkpoint(ckpt_root: Path, model, optimizer, state: TrainerState, train_config: dict,
@@ -77,7 +69,7 @@ def finish_checkpoint(ckpt_root: Path, tmp: Path, state: TrainerState, train_con
     (tmp / STATE_NAME).write_text(json.dumps({"step": state.step, "samples": state.samples,
                                               "best_val_loss": state.best_val_loss, "config": train_config},
                                              indent=2))
-    _fsync_dir(tmp)
+    fsync_tree(tmp)
     if final.exists():  # re-saving the same step (a resumed run): move the old one out of the way first
         old = final.with_name(final.name + f".old-{os.getpid()}")
         os.rename(final, old)
