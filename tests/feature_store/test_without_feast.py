@@ -31,7 +31,7 @@ def test_features_verbs_name_the_extra(tmp_path, capsys):
 
 @no_feast
 def test_serve_feature_store_names_the_extra(tmp_path, capsys):
-    pytest.importorskip("fastapi")
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
     from helpers import make_tiny_model_dir
     model = make_tiny_model_dir(tmp_path)
     assert_clean_error(cli_in_process(capsys, "serve", "--model", model, "--feature-store", tmp_path / "repo"),

