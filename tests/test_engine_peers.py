@@ -67,3 +67,35 @@ def test_peers_are_paired_with_cubelm_at_equal_precision_when_it_has_that_dtype(
     assert engine_peers._cubelm_pair("fp32", "decode", support) == "fp32"
     # the offline workload loads cubelm through load_model (fp32/bf16 only): int8 peers are compared with fp32
     assert engine_peers._cubelm_pair("int8", "throughput", support) == "fp32"
+
+
+def test_vllm_rounds_start_with_an_empty_prefix_cache():
+    """Every round sends the same prompts to the one vLLM ``LLM`` the worker keeps: a round must not find them in its
+    prefix cache (cubelm builds a fresh engine per round). The LLM's surface the worker uses, recorded."""
+    from peer_workers import VllmWorker
+
+    class Out:
+        def __init__(self, n):
+            self.outputs = [type("C", (), {"token_ids": list(range(n))})()]
+
+    class RecordingLLM:
+        def __init__(self, resets):
+            self.calls, self.resets = [], resets
+
+        def reset_prefix_cache(self):
+            self.calls.append("reset")
+            return self.resets
+
+        def generate(self, prompts, params, use_tqdm):
+            self.calls.append("generate")
+            return [Out(3) for _ in prompts]
+
+    worker = VllmWorker.__new__(VllmWorker)
+    worker.models = {"fp32": RecordingLLM(True)}
+    worker._params = lambda n, **kw: n
+    for _ in range(2):
+        assert worker.throughput("fp32", [([1, 2], 3), ([4], 3)])["outputs"] == [[0, 1, 2]] * 2
+    assert worker.models["fp32"].calls == ["reset", "generate"] * 2
+    worker.models = {"fp32": RecordingLLM(False)}  # a cache it could not reset: the round is not timed
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        worker.throughput("fp32", [([1], 1)])
