@@ -119,3 +119,39 @@ def test_cli_summary_and_bad_input(tmp_path, capsys):
     assert_clean_error(cli_in_process(capsys, "autoscale", "simulate", "--capacity", trace), "not a bench serve")
     assert_clean_error(cli_in_process(capsys, "autoscale", "simulate", "--capacity", tmp_path, "--policies", "x"),
                        "--policies")
+
+
+def test_inflight_trigger_counts_running_by_littles_law_and_scales_before_the_queue_does(tmp_path, capsys):
+    runs = [dict(r, mean_e2el_ms=m) for r, m in zip(RUNS, (80.0, 150.0, 1500.0))]
+    curve = CapacityCurve.from_results(runs, "e2el")
+    assert curve.inflight(10.0) == pytest.approx(10.0 * 0.150)  # 10 req/s x 150 ms
+    assert curve.inflight(7.5) == pytest.approx(7.5 * 0.115)  # mean latency interpolated like the p99
+    with pytest.raises(CubelmError, match="mean_e2el_ms"):
+        CapacityCurve.from_results(RUNS, "e2el").inflight(1.0)
+    # a steady 30 req/s on 2 ready replicas (capacity 20 each): 15 req/s each, in flight 2 x 15 x 0.825 s = 24.75,
+    # nothing waits; the queue trigger sees 0 and stays, the in-flight one (target 8 per replica) asks for 4
+    rates = np.full(61, 30.0)
+    timing = PodTiming(image_pull_s=0, model_pull_s=0, load_s=0, probe_period_s=1)
+    queue = simulate(rates, curve, AutoscalerConfig(name="q", metrics=("queue",)), timing)
+    inflight = simulate(rates, curve, AutoscalerConfig(name="i", metrics=("inflight",), inflight_target=8.0), timing)
+    assert queue.waiting.max() == 0 and queue.replicas.max() == 2
+    assert inflight.replicas[15] == 4  # ceil(24.75 / 8), within the +2 pods per minute policy
+    # the CLI: the default threshold is 70 % of what a replica holds at the SLO's load, and a result set without
+    # mean latencies leaves the policy out unless asked for (then a one-line error)
+    for i, r in enumerate(runs):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(r))
+    trace = tmp_path / "t.csv"
+    trace.write_text("0,20\n1800,100\n3600,20\n")
+    r = cli_in_process(capsys, "autoscale", "simulate", "--capacity", tmp_path, "--trace", trace, "--json")
+    out = json.loads(r.stdout)
+    load = curve.max_load_within(1000.0)
+    assert out["inflight_target"] == pytest.approx(0.7 * curve.inflight(load))
+    assert "keda-inflight" in [p["policy"] for p in out["policies"]]
+    for i, r in enumerate(RUNS):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(r))
+    r = cli_in_process(capsys, "autoscale", "simulate", "--capacity", tmp_path, "--trace", trace, "--json")
+    assert r.returncode == 0 and "keda-inflight" not in [p["policy"] for p in json.loads(r.stdout)["policies"]]
+    assert_clean_error(cli_in_process(capsys, "autoscale", "simulate", "--capacity", tmp_path, "--trace", trace,
+                                      "--policies", "keda-inflight"), "mean_e2el_ms")
+    assert_clean_error(cli_in_process(capsys, "autoscale", "simulate", "--capacity", tmp_path,
+                                      "--inflight-target", "0"), "--inflight-target")

@@ -21,6 +21,23 @@ def test_every_verb_builds_and_has_help():
                 assert a.help, f"flag {a.option_strings} has no help"
 
 
+def test_every_verbs_help_renders():
+    """argparse %-formats each flag's help when --help prints it: a literal '%' in a help text (e.g. '70 % of the
+    request') crashed `cubelm autoscale simulate --help` with a TypeError."""
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, type(p._subparsers._group_actions[0])) if p._subparsers else False:
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    seen = 0
+    for p in parsers(build_parser(all_verbs=True)):
+        assert p.format_help()
+        seen += 1
+    assert seen > len(VERBS)
+
+
 def test_help_lists_verbs():
     r = cubelm("--help")
     assert r.returncode == 0 and "generate" in r.stdout and "plan" in r.stdout and "train" in r.stdout

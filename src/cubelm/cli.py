@@ -162,7 +162,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
         tp = _unwrap_optional(hints[f.name])
         flag = md.get("flag") or "--" + f.name.replace("_", "-")
         if not flag.startswith("-"):  # a positional argument: opt(help=..., flag="SRC")
-            parser.add_argument(f.name, metavar=flag, type=tp, help=md["help"])
+            parser.add_argument(f.name, metavar=flag, type=tp, help=md["help"].replace("%", "%%"))
             continue
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -178,6 +178,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
                 kw["required"] = True
         if has_default and default not in (None, False, []) and tp is not bool:
             kw["help"] += f" (default: {default})"
+        kw["help"] = kw["help"].replace("%", "%%")  # argparse %-formats help text: "70 % of" is not a format
         parser.add_argument(flag, **kw)
 
 

@@ -10,11 +10,12 @@ The parts, each from something measured or specified:
   to drain the backlog when there is one. CPU utilization of a pod = its busy fraction (load / capacity) * limit /
   request, as the HPA measures it against the container's CPU *request*.
 - ``Autoscaler``: the HPA controller's algorithm (kubernetes pkg/controller/podautoscaler): every sync period
-  desired = ceil(ready * utilization / target) for CPU (pods still starting are left out, or counted at 0 %
-  when scaling up) and ceil(total / target) for an external AverageValue metric (KEDA's Prometheus trigger on
-  the queue); no change while |ratio - 1| <= tolerance; the largest over metrics; then the behavior: the scale-
-  down recommendation is the max over the stabilization window, the scale-up one the min over its window, and
-  the change per period is capped by the policies (Pods or Percent, selectPolicy Max), within min/max replicas.
+  desired = ceil(ready * utilization / target) for CPU (pods still starting are left out, or counted at 0 % when
+  scaling up) and ceil(total / target) for an external AverageValue metric (KEDA's Prometheus trigger on the queue,
+  or on running + waiting requests); no change while |ratio - 1| <= tolerance; the largest over metrics; then the
+  behavior: the scale-down recommendation is the max over the stabilization window, the scale-up one the min over
+  its window, and the change per period is capped by the policies (Pods or Percent, selectPolicy Max), within
+  min/max replicas.
 - Pod start: a new pod serves after image pull + model pull + load, rounded up to the readiness probe period.
   Scale-down removes starting pods first, then the newest (the ReplicaSet's order); they stop serving at once.
 """
@@ -35,6 +36,7 @@ class CapacityCurve:
     load: np.ndarray  # request rate served per replica (req/s), ascending
     p99_ms: np.ndarray  # p99 of the SLO metric at that load
     capacity: float  # the most req/s one replica served
+    mean_e2el_ms: np.ndarray | None = None  # mean end-to-end latency at each load (for in-flight counts)
 
     @classmethod
     def from_results(cls, results: list[dict], metric: str) -> "CapacityCurve":
@@ -44,10 +46,22 @@ class CapacityCurve:
             raise CubelmError(f"the capacity curve needs >= 2 bench serve runs with {key} (at different rates); "
                               f"got {len(pts)}: run `cubelm bench serve --request-rate R1,R2,inf --save-result`")
         load, p99 = map(np.asarray, zip(*pts))
-        return cls(load=load, p99_ms=np.maximum.accumulate(p99), capacity=float(load[-1]))  # latency never falls
+        means = sorted((r["request_throughput"], r.get("mean_e2el_ms")) for r in results
+                       if r.get(key) is not None and r["completed"])
+        mean = None if any(m is None for _, m in means) else np.maximum.accumulate(np.asarray([m for _, m in means]))
+        return cls(load=load, p99_ms=np.maximum.accumulate(p99), capacity=float(load[-1]),  # latency never falls
+                   mean_e2el_ms=mean)
 
     def latency_ms(self, load: float) -> float:
         return float(np.interp(load, self.load, self.p99_ms))  # below the first point: its (unloaded) value
+
+    def inflight(self, load: float) -> float:
+        """Requests in flight (running + waiting) in one replica serving ``load`` req/s: Little's law, load x the
+        mean end-to-end latency there."""
+        if self.mean_e2el_ms is None:
+            raise CubelmError("in-flight counts need mean_e2el_ms in the bench serve results (cubelm bench serve "
+                              "--save-result writes it)")
+        return load * float(np.interp(load, self.load, self.mean_e2el_ms)) / 1000.0
 
     def max_load_within(self, slo_ms: float) -> float:
         """The highest per-replica request rate whose p99 stays within ``slo_ms`` (0 if even the lightest fails)."""
@@ -73,9 +87,10 @@ class ScalingRules:
 class AutoscalerConfig:
     """Defaults: deploy/k8s (base/autoscaling.yaml and components/keda/scaledobject.yaml)."""
     name: str = "hpa-cpu"
-    metrics: tuple[str, ...] = ("cpu",)  # cpu and/or queue
+    metrics: tuple[str, ...] = ("cpu",)  # cpu, queue, inflight
     cpu_target: float = 70.0  # averageUtilization, % of the CPU request
     queue_target: float = 8.0  # KEDA Prometheus trigger threshold: waiting requests per replica (AverageValue)
+    inflight_target: float = 8.0  # the same for running + waiting requests per replica
     min_replicas: int = 2
     max_replicas: int = 8
     tolerance: float = 0.1  # kube-controller-manager --horizontal-pod-autoscaler-tolerance
@@ -88,8 +103,10 @@ class AutoscalerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise CubelmError(f"replicas: need 1 <= min ({self.min_replicas}) <= max ({self.max_replicas})")
-        if not set(self.metrics) <= {"cpu", "queue"} or not self.metrics:
-            raise CubelmError(f"autoscaler metrics are cpu and/or queue, got {self.metrics}")
+        if not set(self.metrics) <= {"cpu", "queue", "inflight"} or not self.metrics:
+            raise CubelmError(f"autoscaler metrics are cpu, queue and/or inflight, got {self.metrics}")
+        if min(self.queue_target, self.inflight_target) <= 0:
+            raise CubelmError("the queue and in-flight targets must be > 0")
 
 
 def cpu_replicas(ready: int, starting_running: int, util_ready: float, target: float, tolerance: float,
@@ -226,6 +243,10 @@ def simulate(rates: np.ndarray, curve: CapacityCurve, cfg: AutoscalerConfig | No
                 desired = max(desired, cpu_replicas(ready, running, util, cfg.cpu_target, cfg.tolerance, len(pods)))
             if "queue" in cfg.metrics:
                 desired = max(desired, external_replicas(queue, cfg.queue_target, cfg.tolerance, len(pods)))
+            if "inflight" in cfg.metrics:
+                # running (Little's law at this second's per-replica load) + waiting: the gauges as KEDA polls them
+                total = ready * curve.inflight(min(demand, cap) / ready) + queue if ready else queue
+                desired = max(desired, external_replicas(total, cfg.inflight_target, cfg.tolerance, len(pods)))
             target = scaler.decide(float(t), len(pods), desired)
             if target > len(pods):
                 pods += [float(t)] * (target - len(pods))

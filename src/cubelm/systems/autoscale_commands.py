@@ -5,8 +5,9 @@
 
 Policies (defaults from deploy/k8s): ``hpa-cpu`` = the base HorizontalPodAutoscaler (CPU at 70 % of the request);
 ``keda`` = the ScaledObject of components/keda (queue ``cubelm:num_requests_waiting`` at 8 per replica, and CPU);
-``keda-queue`` = the gpu overlay's ScaledObject (the queue trigger only). Each is compared with a fixed fleet
-sized for the trace's peak at the SLO.
+``keda-queue`` = a ScaledObject with the queue trigger only; ``keda-inflight`` = the gpu overlay's (running +
+waiting requests per replica, at the in-flight count one replica holds at the SLO's load unless
+``--inflight-target`` says otherwise). Each is compared with a fixed fleet sized for the trace's peak at the SLO.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from cubelm.cli import opt
 from cubelm.errors import CubelmError
 
-POLICIES = {"hpa-cpu": ("cpu",), "keda": ("queue", "cpu"), "keda-queue": ("queue",)}
+POLICIES = {"hpa-cpu": ("cpu",), "keda": ("queue", "cpu"), "keda-queue": ("queue",), "keda-inflight": ("inflight",)}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -32,11 +33,15 @@ class SimulateOptions:
     trough_fraction: float = opt(0.2, help="built-in trace: the night's rate as a fraction of the peak")
     hours: float = opt(24.0, help="built-in trace: length in hours")
     seed: int = opt(0, help="seed of the built-in trace's Poisson counts")
-    policies: str = opt("hpa-cpu,keda,keda-queue", help="comma list of hpa-cpu, keda, keda-queue")
+    policies: str | None = opt(None, help="comma list of hpa-cpu, keda, keda-queue, keda-inflight (default: all; "
+                                          "keda-inflight only when the results have mean_e2el_ms)")
     min_replicas: int = opt(2, help="minReplicas / minReplicaCount")
     max_replicas: int = opt(8, help="maxReplicas / maxReplicaCount")
     cpu_target: float = opt(70.0, help="CPU averageUtilization target, % of the request")
     queue_target: float = opt(8.0, help="KEDA threshold: waiting requests per replica")
+    inflight_target: float | None = opt(None, help="KEDA threshold: running + waiting requests per replica (default: "
+                                                   "70 % of what one replica holds at the SLO's load, by Little's "
+                                                   "law)")
     tolerance: float = opt(0.1, help="HPA tolerance: no change while |metric/target - 1| <= this")
     sync_period: int = opt(15, help="seconds between HPA syncs")
     scale_up_window: int = opt(0, help="scaleUp stabilizationWindowSeconds")
@@ -63,8 +68,10 @@ class SimulateOptions:
         for name in ("sync_period", "scale_up_period", "scale_down_period", "scale_up_pods", "scale_down_pods"):
             if getattr(self, name) < 1:
                 raise CubelmError(f"--{name.replace('_', '-')} must be >= 1")
-        if min(self.cpu_target, self.queue_target, self.cpu_request, self.cpu_limit, self.hours) <= 0:
-            raise CubelmError("--cpu-target, --queue-target, --cpu-request, --cpu-limit and --hours must be > 0")
+        if min(self.cpu_target, self.queue_target, self.cpu_request, self.cpu_limit, self.hours,
+               1.0 if self.inflight_target is None else self.inflight_target) <= 0:
+            raise CubelmError("--cpu-target, --queue-target, --inflight-target, --cpu-request, --cpu-limit and "
+                              "--hours must be > 0")
         if min(self.image_pull_s, self.model_pull_s, self.load_s, self.tolerance) < 0 or self.scale_down_window < 0 \
                 or self.scale_up_window < 0:
             raise CubelmError("pod start times, windows and --tolerance must be >= 0")
@@ -74,6 +81,8 @@ class SimulateOptions:
 
     @property
     def policy_list(self) -> list[str]:
+        if self.policies is None:
+            return list(POLICIES)
         return [p.strip() for p in self.policies.split(",") if p.strip()]
 
     @property
@@ -111,10 +120,11 @@ def load_results(paths: list[str]) -> list[dict]:
     return results
 
 
-def _config(o: SimulateOptions, name: str):
+def _config(o: SimulateOptions, name: str, inflight_target: float):
     from cubelm.systems.autoscale import AutoscalerConfig, ScalingRules
     return AutoscalerConfig(
         name=name, metrics=POLICIES[name], cpu_target=o.cpu_target, queue_target=o.queue_target,
+        inflight_target=inflight_target,
         min_replicas=o.min_replicas, max_replicas=o.max_replicas, tolerance=o.tolerance, sync_period_s=o.sync_period,
         scale_up=ScalingRules(stabilization_s=o.scale_up_window, policies=[("Pods", o.scale_up_pods,
                                                                             o.scale_up_period)]),
@@ -139,9 +149,14 @@ def run_simulate(o: SimulateOptions) -> int:
     fixed = max(1, math.ceil(peak / per_replica))
     initial = math.ceil(float(rates[:60].mean()) / per_replica)  # start in the steady state of the first minute
     timing = PodTiming(image_pull_s=o.image_pull_s, model_pull_s=o.model_pull_s, load_s=o.load_s)
+    policies = o.policy_list
+    if o.policies is None and curve.mean_e2el_ms is None:
+        policies.remove("keda-inflight")  # results without mean latencies: nothing to count in-flight requests from
+    # the in-flight trigger's default aims below the SLO's edge, as the CPU target (70 %) does
+    inflight_target = o.inflight_target or (0.7 * curve.inflight(per_replica) if "keda-inflight" in policies else 8.0)
     ratio = o.cpu_limit / o.cpu_request
-    lines = [simulate(rates, curve, _config(o, p), timing, cpu_limit_over_request=ratio,
-                      initial=initial) for p in o.policy_list]
+    lines = [simulate(rates, curve, _config(o, p, inflight_target), timing, cpu_limit_over_request=ratio,
+                      initial=initial) for p in policies]
     lines.append(simulate(rates, curve, None, timing, fixed=fixed))
     rows = [summarize(tl, rates, slo_ms, o.hourly_price) for tl in lines]
     fixed_hours = rows[-1]["replica_hours"]
@@ -149,7 +164,8 @@ def run_simulate(o: SimulateOptions) -> int:
         r["vs_fixed"] = r["replica_hours"] / fixed_hours
     info = {"slo": {metric: slo_ms}, "capacity_req_s": curve.capacity, "load_within_slo_req_s": per_replica,
             "peak_req_s": peak, "mean_req_s": float(rates.mean()), "seconds": len(rates),
-            "fixed_replicas": fixed, "pod_ready_s": timing.ready_s, "policies": rows}
+            "fixed_replicas": fixed, "pod_ready_s": timing.ready_s, "inflight_target": inflight_target,
+            "policies": rows}
     if o.json_output:
         print(json.dumps(info, indent=2))
     else:
@@ -157,6 +173,8 @@ def run_simulate(o: SimulateOptions) -> int:
               f"{slo_ms:g} ms; trace: {len(rates)} s, mean {rates.mean():.1f} req/s, peak {peak:.0f} req/s "
               "(1-min mean); "
               f"fixed fleet for the peak: {fixed} replicas; a new pod is ready after {timing.ready_s:g} s")
+        if "keda-inflight" in policies:
+            print(f"keda-inflight: threshold {inflight_target:.2f} running + waiting requests per replica")
         if fixed > o.max_replicas:
             print(f"note: the peak needs {fixed} replicas, more than --max-replicas {o.max_replicas}")
         print(markdown_table(rows))
