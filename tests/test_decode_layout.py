@@ -58,3 +58,29 @@ def test_layout_is_cpu_only():
         model = CausalLM(cfg)
     assert apply_decode_layout(model) is model
     assert not any(isinstance(m, (BlockedLinear, FusedSlice)) for m in model.modules())
+
+
+@pytest.mark.skipif(not skinny_gemm.strip_width(), reason="no C compiler: the kernels cannot be built")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 14, 36, 97])
+def test_one_strip_blocks_give_the_wide_blocks_numbers_exactly(rows):
+    """The engine's layout when the kernels are built: blocks one strip wide (no repacking in blocked_gemm.c,
+    several side by side in skinny_gemm.c). Same sums in the same order as 128-column blocks: equal bit for bit,
+    including a block count that is not a multiple of the few-row kernel's 8 (or 4) blocks per task."""
+    strip = skinny_gemm.strip_width()
+    g = torch.Generator().manual_seed(rows)
+    for K, N in [(96, 1280), (300, 11 * 128), (40, 3 * 128)]:
+        w, x = torch.randn(N, K, generator=g), torch.randn(rows, K, generator=g)
+        wide, narrow = (w.T.contiguous().view(K, N // b, b).permute(1, 0, 2).contiguous() for b in (128, strip))
+        gemm = skinny_gemm.skinny_gemm if rows <= skinny_gemm.MAX_ROWS else skinny_gemm.blocked_gemm
+        assert torch.equal(gemm(x, narrow), gemm(x, wide))
+        torch.testing.assert_close(gemm(x, narrow), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not skinny_gemm.strip_width(), reason="no C compiler: the kernels cannot be built")
+def test_engine_layout_uses_one_strip_blocks():
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      max_position_embeddings=64)
+    blocked = apply_decode_layout(build_model(cfg, seed=0).eval())
+    strip = skinny_gemm.strip_width()
+    assert blocked.lm_head.weight_blocks.shape == (128 // strip, 64, strip)
+    assert blocked.model.layers[0].mlp.down_proj.weight_blocks.shape[2] == strip

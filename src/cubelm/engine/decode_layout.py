@@ -3,10 +3,12 @@
 Measured here (2 cores, MKL): a one-row GEMM (decode: ``x (1, k) @ W.T``) runs on ONE thread and streams the
 weights at ~13 GB/s with PyTorch's row-major ``(out, in)`` layout, and MKL's GEMMs with 2-8 rows stream them at
 only 9-18 GB/s. ``apply_decode_layout`` replaces every ``nn.Linear`` of the decoder layers and the output head with
-a ``BlockedLinear`` holding ``W`` tile-major, ``(P, in, B)`` with B = 128 output columns per block: up to 8 rows
-run in a native kernel that streams each tile once (``kernels/skinny_gemm.c``: 50-57 GB/s for one row), more rows
-as one batched matmul over the blocks (which MKL spreads over its threads). Outputs are the same numbers up to
-float summation order. Projections that read the same input (q/k/v, gate/up) are fused into one ``BlockedLinear``
+a ``BlockedLinear`` holding ``W`` tile-major, ``(P, in, B)``: block p holds output columns p*B .. (p+1)*B. With the
+native kernels built, B is one strip of two vector registers (16 columns with AVX2, 32 with AVX-512;
+``skinny_gemm.strip_width``): up to 8 rows run in ``kernels/skinny_gemm.c``, which streams several blocks side by
+side, more rows in ``kernels/blocked_gemm.c``, which reads such blocks as they are (wider ones it must copy into
+strips for every 256-row slice, measured 17-44% of its time at 64-16 rows). Without a compiler B is 128 and more
+rows run as one batched matmul over the blocks. Outputs are the same numbers up to float summation order. Projections that read the same input (q/k/v, gate/up) are fused into one ``BlockedLinear``
 shared by ``FusedSlice`` views: fewer, larger matmuls, which matters on small models where each call's fixed cost
 is a large part of a decode step. The engine applies it to its private model; the model you save or train is never
 touched (use it only on a model you will not train or export afterwards)."""
@@ -21,6 +23,9 @@ from cubelm.model.seam import replace_module
 
 
 def _block_width(out_features: int) -> int:
+    strip = skinny_gemm.strip_width()
+    if strip and out_features % strip == 0:
+        return strip  # what the native GEMMs read without repacking (skinny_gemm.strip_width)
     for width in (128, 64):
         if out_features % width == 0 and out_features > width:
             return width
@@ -33,9 +38,11 @@ class BlockedLinear(nn.Module):
     Up to ``skinny_gemm.MAX_ROWS`` rows (decode) run in the native kernel, which streams each tile once and
     writes the row-major output directly; more rows (batched decode, prompt chunks) in ``kernels/blocked_gemm.c``,
     a register-blocked GEMM over the same layout (5-25% above MKL's batched matmul over the blocks on base's
-    shapes, which remains the path without a compiler). Block width: 128 columns gives the bmm ~6% more at 1,024
-    rows than 64 (the whole 64-request benchmark ~5%), 64 columns gives the few-row kernel ~25% more at one row
-    (measured interleaved, base preset); decoder layers take 128, the output head 64."""
+    shapes, which remains the path without a compiler). Block width: one strip (``skinny_gemm.strip_width``) when
+    the kernels are built: against 128-column blocks, measured interleaved on base's shapes with the weights in
+    DRAM (2 threads), 1.02-1.17x at 16-64 rows, 1.0-1.5x at 1-4 rows, and the whole 64-request workload 1.07-1.09x;
+    batch-1 decode of `small` 1.15x. Without the kernels: 128 columns (the bmm ~6% faster at 1,024 rows than 64),
+    the output head 64."""
 
     def __init__(self, linear: nn.Linear, block: int | None = None):
         super().__init__()
@@ -141,7 +148,8 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
     blocked: dict[int, BlockedLinear] = {}
     for name, linear in targets:
         width = block if block and linear.out_features % block == 0 else None
-        if width is None and name == "lm_head" and linear.out_features % 64 == 0:
+        if width is None and name == "lm_head" and linear.out_features % 64 == 0 and not (
+                skinny_gemm.strip_width() and linear.out_features % skinny_gemm.strip_width() == 0):
             width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
         if id(linear) not in blocked:
             blocked[id(linear)] = BlockedLinear(linear, width)

@@ -12,6 +12,8 @@
  * block is packed into Nb / NR contiguous (KC, NR) strips in a per-thread buffer (in place, a strip is one cache
  * line every Nb floats, which lands on a few L1 sets and is evicted before its reuse; packing measured 5-25%
  * faster than reading in place); each strip then stays in L1 while every 6-row panel of the chunk passes over it.
+ * That copy runs at DRAM speed between the arithmetic, so the engine stores blocks exactly one strip wide (Nb == NR,
+ * cubelm.engine.kernels.skinny_gemm.strip_width), which are read in place: the (kc, NR) slice is contiguous.
  * Sums run over k in order within a chunk, chunks in order: the result equals a dot product per output up to
  * float rounding.
  */
@@ -97,6 +99,9 @@ static float *bg_scratch(int64_t n) {
     return pack_buf;
 }
 
+/* The block width whose blocks need no packing: the engine's decode layout uses it (decode_layout.py). */
+int blocked_gemm_strip(void) { return NR; }
+
 int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K, int64_t P, int64_t Nb,
                  int nthreads) {
     const int64_t chunks = (M + MC - 1) / MC, N = P * Nb, full = Nb / NR * NR, strips = full / NR;
@@ -106,8 +111,9 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
         const int64_t p = t / chunks, m0 = (t % chunks) * MC, m1 = m0 + MC < M ? m0 + MC : M;
         const float *w = W + p * K * Nb;
         float *yb = y + p * Nb;
-        float *pk = bg_scratch(KC * full);
-        if (!pk) {
+        const int packs = Nb != NR && full > 0; /* a block narrower than a strip has only edge columns */
+        float *pk = packs ? bg_scratch(KC * full) : 0;
+        if (packs && !pk) {
             failed = 1;
             continue;
         }
@@ -115,15 +121,21 @@ int blocked_gemm(const float *x, const float *W, float *y, int64_t M, int64_t K,
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
             const int first = k0 == 0;
             /* (kc, Nb) slice -> strips of (kc, NR) contiguous: the micro-kernel then streams its strip from L1
-             * instead of one cache line every Nb floats (which maps the strip onto a few L1 sets) */
-            for (int64_t k = 0; k < kc; k++) {
-                const float *src = w + (k0 + k) * Nb;
-                for (int64_t j = 0; j < strips; j++) memcpy(pk + (j * kc + k) * NR, src + j * NR, sizeof(float) * NR);
-            }
+             * instead of one cache line every Nb floats (which maps the strip onto a few L1 sets). Blocks exactly
+             * one strip wide (Nb == NR, the layout the engine picks when this kernel is built) already are. */
+            const float *strip = pk;
+            if (Nb == NR)
+                strip = w + k0 * NR;
+            else
+                for (int64_t k = 0; k < kc; k++) {
+                    const float *src = w + (k0 + k) * Nb;
+                    for (int64_t j = 0; j < strips; j++)
+                        memcpy(pk + (j * kc + k) * NR, src + j * NR, sizeof(float) * NR);
+                }
             for (int64_t j = 0; j < strips; j++) {
                 for (int64_t m = m0; m < m1; m += MR) {
                     const int64_t rows = m1 - m < MR ? m1 - m : MR;
-                    bg_panel(rows, x + m * K + k0, K, pk + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
+                    bg_panel(rows, x + m * K + k0, K, strip + j * kc * NR, NR, yb + m * N + j * NR, N, kc, first);
                 }
             }
             if (full < Nb)

@@ -40,6 +40,26 @@ def many_rows_available() -> bool:
     return _many is not False
 
 
+_strip: int | None | bool = False
+
+
+def strip_width() -> int | None:
+    """The block width both kernels read without repacking (16 columns with AVX2, 32 with AVX-512: two vector
+    registers), or None when they are not built. blocked_gemm.c copies any wider block into strips of this width for
+    every 256-row slice it multiplies, a copy at DRAM speed that does not overlap the arithmetic (measured on base's
+    shapes: 17-44% of its time at 64-16 rows); weights stored as one-strip blocks skip it, and skinny_gemm.c reads
+    several of them side by side as it read one wide block."""
+    global _strip
+    if _strip is False:
+        _strip = None
+        if available() and many_rows_available():
+            a = kernels.function("skinny_gemm", "skinny_gemm_strip", [])
+            b = kernels.function("blocked_gemm", "blocked_gemm_strip", [])
+            if a is not None and b is not None and a() == b():
+                _strip = int(a())
+    return _strip
+
+
 def blocked_gemm(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Same contract as ``skinny_gemm`` for any number of rows (batched decode, prompt chunks)."""
     P, K, Nb = blocks.shape
