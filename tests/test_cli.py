@@ -1,5 +1,6 @@
 """The command line: every verb builds, and bad input is a one-line error with exit code 2 (no traceback)."""
 
+import argparse
 import json
 
 import pytest
@@ -27,7 +28,7 @@ def test_every_verbs_help_renders():
     def parsers(p):
         yield p
         for a in p._actions:
-            if isinstance(a, type(p._subparsers._group_actions[0])) if p._subparsers else False:
+            if isinstance(a, argparse._SubParsersAction):
                 for sub in a.choices.values():
                     yield from parsers(sub)
 

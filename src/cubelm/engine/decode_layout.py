@@ -1,17 +1,18 @@
 """Inference weight layout for memory-bound decode on CPU, applied to a built model from outside.
 
-Measured here (2 cores, MKL): a one-row GEMM (decode: ``x (1, k) @ W.T``) runs on ONE thread and streams the
-weights at ~13 GB/s with PyTorch's row-major ``(out, in)`` layout, and MKL's GEMMs with 2-8 rows stream them at
-only 9-18 GB/s. ``apply_decode_layout`` replaces every ``nn.Linear`` of the decoder layers and the output head with
-a ``BlockedLinear`` holding ``W`` tile-major, ``(P, in, B)``: block p holds output columns p*B .. (p+1)*B. With the
+Measured here (2 cores, MKL): a one-row GEMM (decode: ``x (1, k) @ W.T``) runs on ONE thread and streams the weights
+at ~13 GB/s with PyTorch's row-major ``(out, in)`` layout, and MKL's GEMMs with 2-8 rows stream them at only 9-18
+GB/s. ``apply_decode_layout`` replaces every ``nn.Linear`` of the decoder layers and the output head with a
+``BlockedLinear`` holding ``W`` tile-major, ``(P, in, B)``: block p holds output columns p*B .. (p+1)*B. With the
 native kernels built, B is one strip of two vector registers (16 columns with AVX2, 32 with AVX-512;
 ``skinny_gemm.strip_width``): up to 8 rows run in ``kernels/skinny_gemm.c``, which streams several blocks side by
 side, more rows in ``kernels/blocked_gemm.c``, which reads such blocks as they are (wider ones it must copy into
 strips for every 256-row slice, measured 17-44% of its time at 64-16 rows). Without a compiler B is 128 and more
-rows run as one batched matmul over the blocks. Outputs are the same numbers up to float summation order. Projections that read the same input (q/k/v, gate/up) are fused into one ``BlockedLinear``
-shared by ``FusedSlice`` views: fewer, larger matmuls, which matters on small models where each call's fixed cost
-is a large part of a decode step. The engine applies it to its private model; the model you save or train is never
-touched (use it only on a model you will not train or export afterwards)."""
+rows run as one batched matmul over the blocks. Outputs are the same numbers up to float summation order.
+Projections that read the same input (q/k/v, gate/up) are fused into one ``BlockedLinear`` shared by ``FusedSlice``
+views: fewer, larger matmuls, which matters on small models where each call's fixed cost is a large part of a decode
+step. The engine applies it to its private model; the model you save or train is never touched (use it only on a
+model you will not train or export afterwards)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from cubelm.engine.kernels import skinny_gemm
 from cubelm.model.seam import replace_module
 
 
-def _block_width(out_features: int) -> int:
+def _block_width(out_features: int, head: bool = False) -> int:
     strip = skinny_gemm.strip_width()
     if strip and out_features % strip == 0:
         return strip  # what the native GEMMs read without repacking (skinny_gemm.strip_width)
-    for width in (128, 64):
+    # the head only ever sees the sampled rows (few): the layout the few-row kernel likes
+    for width in (64,) if head else (128, 64):
         if out_features % width == 0 and out_features > width:
             return width
     return out_features
@@ -148,9 +150,8 @@ def apply_decode_layout(model: nn.Module, block: int | None = None) -> nn.Module
     blocked: dict[int, BlockedLinear] = {}
     for name, linear in targets:
         width = block if block and linear.out_features % block == 0 else None
-        if width is None and name == "lm_head" and linear.out_features % 64 == 0 and not (
-                skinny_gemm.strip_width() and linear.out_features % skinny_gemm.strip_width() == 0):
-            width = 64  # the head only ever sees the sampled rows (few): take the layout the few-row kernel likes
+        if width is None and name == "lm_head":
+            width = _block_width(linear.out_features, head=True)
         if id(linear) not in blocked:
             blocked[id(linear)] = BlockedLinear(linear, width)
         replace_module(model, name, blocked[id(linear)])
